@@ -1,0 +1,148 @@
+"""The user-facing functions: attention() and check_bounds(). They compute nothing themselves:
+Spec -> Operands (validation) -> Plan -> Backend -> result (+ AttentionInfo)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from .backends import BACKENDS, get_backend
+from .inputs import Operands, prepare, resolve_options
+from .plan import Plan, input_stats, make_plan
+from .spec import Spec, get_spec
+
+
+@dataclass(frozen=True)
+class AttentionInfo:
+    """What one call did: backend, degree/rank, bounds and the certified error."""
+
+    backend: str
+    spec: str
+    order: int
+    degree: int | None
+    rank: int | None
+    beta: float
+    B: float
+    threshold: float
+    error_bound: float | None
+    grad_error_bound: float | None
+    flops: int | None
+    flops_exact: int
+    flops_poly: int | None
+    passed: bool
+    feature_dtype: str | None
+    plan: Plan
+
+    @classmethod
+    def from_plan(cls, plan: Plan) -> "AttentionInfo":
+        cert = plan.certificate if plan.backend == "poly" else None
+        return cls(
+            backend=plan.backend, spec=plan.spec.name, order=plan.order,
+            degree=cert.degree if cert else None, rank=cert.rank if cert else None,
+            beta=plan.beta, B=plan.B, threshold=plan.threshold, error_bound=plan.error_bound,
+            grad_error_bound=plan.grad_error_bound, flops=plan.flops,
+            flops_exact=plan.flops_exact, flops_poly=plan.flops_poly, passed=plan.passed,
+            feature_dtype=cert.feature_dtype if cert else None, plan=plan,
+        )
+
+    def __repr__(self) -> str:
+        eb = "n/a" if self.error_bound is None else f"{self.error_bound:.3e}"
+        return (
+            f"AttentionInfo(backend={self.backend!r}, spec={self.spec!r}, order={self.order}, "
+            f"degree={self.degree}, rank={self.rank}, beta={self.beta:.4g}, B={self.B:.4g}, "
+            f"threshold={self.threshold:.4g}, error_bound={eb}, flops={self.flops})"
+        )
+
+
+BoundReport = Plan
+"""check_bounds() returns the Plan for poly on the given inputs: B, tau, beta, degree, rank, flops."""
+
+
+def _plan_for(ops: Operands, backend: str, tol: float, on_unbounded: str) -> Plan:
+    stats = input_stats(ops)
+    ve = ops.spec.value_einsum
+    value_dims = tuple(int(np.prod(v.shape[2:])) for v in ops.values)
+    E = int(np.prod(ops.out_value_shape))
+    return make_plan(
+        ops.spec, n=ops.n, ms=ops.ms, D=ops.D, value_dims=value_dims, E=E, Z=ops.q.shape[0],
+        causal=ops.causal, scale=ops.scale, tol=tol, beta=stats.beta, B=stats.B, vmax=stats.vmax,
+        backend=backend, on_unbounded=on_unbounded, options=ops.options,
+        input_dtype="float64" if ops.dtype == torch.float64 else "float32",
+        need_grad=ops.requires_grad and backend in ("poly", "auto"),
+    ) if ve is not None else None  # pragma: no branch
+
+
+def attention(
+    q: Any,
+    k: Any,
+    v: Any,
+    *,
+    spec: str | Spec = "pairwise",
+    backend: str = "auto",
+    causal: bool = False,
+    scale: float | None = None,
+    tol: float = 1e-3,
+    on_unbounded: str = "raise",
+    return_info: bool = False,
+    **spec_options: Any,
+):
+    """Generalized attention. See DESIGN section 3 for the contract.
+
+    >>> import numpy as np, tensorattn as ta
+    >>> rng = np.random.default_rng(0)
+    >>> q, k, v = (rng.uniform(-1, 1, (2, 128, 8)).astype("float32") for _ in range(3))
+    >>> out, info = ta.attention(q, k, v, backend="poly", scale=1/8, return_info=True)
+    >>> out.shape, out.dtype, info.backend, info.degree
+    ((2, 128, 8), dtype('float32'), 'poly', 4)
+    >>> exact = ta.attention(q, k, v, backend="exact", scale=1/8)
+    >>> bool(np.abs(out - exact).max() <= info.error_bound)
+    True
+    """
+    spec_obj = get_spec(spec)
+    options = resolve_options(spec_obj, spec_options)
+    if backend != "auto":
+        get_backend(backend)
+    ops = prepare(spec_obj, q, k, v, causal=causal, scale=scale, options=options)
+    plan = _plan_for(ops, backend, tol, on_unbounded)
+    if ops.n == 0:
+        out = ops.q.new_zeros(ops.q.shape[0], 0, *ops.out_value_shape)
+    else:
+        impl = BACKENDS[plan.backend]
+        impl.check(ops)
+        out = impl.run(plan, ops)
+    result = ops.restore(out)
+    if return_info:
+        return result, AttentionInfo.from_plan(plan)
+    return result
+
+
+def check_bounds(
+    q: Any,
+    k: Any,
+    v: Any = None,
+    *,
+    spec: str | Spec = "pairwise",
+    causal: bool = False,
+    scale: float | None = None,
+    tol: float = 1e-3,
+    **spec_options: Any,
+) -> Plan:
+    """The bound check of DESIGN 5.3 on real inputs: B, tau_k(n), beta, the degree and rank that
+    poly needs for ``tol``, flops of exact vs poly, and the verdict (``report.passed``)."""
+    spec_obj = get_spec(spec)
+    options = resolve_options(spec_obj, spec_options)
+    if v is None:
+        ks = k if spec_obj.order > 2 else [k]
+        v = [torch.ones(*torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x).shape[:-len(f)], 1)
+             for x, f in zip(ks, spec_obj.score_einsum.features[1:])]
+        if spec_obj.order == 2:
+            v = v[0]
+        spec_obj_v = spec_obj
+        if spec_obj.value != Spec(spec_obj.name, spec_obj.score).value:
+            spec_obj_v = Spec(spec_obj.name, spec_obj.score, positional=spec_obj.positional, options=spec_obj.options)
+        spec_obj = spec_obj_v
+    ops = prepare(spec_obj, q, k, v, causal=causal, scale=scale, options=options)
+    return _plan_for(ops, "auto", tol, "raise")

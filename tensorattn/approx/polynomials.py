@@ -1,0 +1,187 @@
+"""Polynomial approximants of exp on [-beta, beta] with rigorous relative-error certificates.
+
+One interface, small classes (compare numpy.polynomial): ``coefficients(beta, g)`` gives monomial
+coefficients c_t of P(s) = sum_t c_t s^t, ``certified_error(beta, g)`` a rigorous bound on
+max_{|s|<=beta} |P(s)/e^s - 1|, and ``degree_for(beta, tol)`` the smallest degree whose certified
+*output* error (after the transfer lemma) is at most ``tol``.
+"""
+
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+from functools import lru_cache
+
+import numpy as np
+from scipy import special
+
+from ..errors import InputError, closest_names
+
+U64 = np.finfo(np.float64).eps / 2
+#: relative accuracy we assume for scipy's modified Bessel functions (documented ~1e-15).
+BESSEL_REL_ERR = 1e-14
+
+
+def output_error(eps: float) -> float:
+    """Transfer lemma: weights within relative eps give outputs within this multiple of max|v|.
+
+    If every weight w~ = w(1 + delta) with |delta| <= eps, then for out = sum w~ v / sum w~ the
+    error per entry is at most 2 eps / (1 + sqrt(1 - eps^2)) * max|v| (independent of n)."""
+    if not eps < 1.0:
+        return math.inf
+    return 2.0 * eps / (1.0 + math.sqrt(1.0 - eps * eps))
+
+
+@lru_cache(maxsize=None)
+def _chebyshev_monomials(k: int) -> tuple[int, ...]:
+    """Integer monomial coefficients of T_k (T_{k+1} = 2x T_k - T_{k-1})."""
+    if k == 0:
+        return (1,)
+    if k == 1:
+        return (0, 1)
+    a, b = _chebyshev_monomials(k - 2), _chebyshev_monomials(k - 1)
+    out = [0] * (k + 1)
+    for i, c in enumerate(b):
+        out[i + 1] += 2 * c
+    for i, c in enumerate(a):
+        out[i] -= c
+    return tuple(out)
+
+
+class Approximant:
+    """Base class: a family of polynomials P_g approximating exp on [-beta, beta]."""
+
+    name = "base"
+
+    def coefficients(self, beta: float, g: int) -> np.ndarray:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def truncation_error(self, beta: float, g: int) -> float:  # pragma: no cover - abstract
+        """Rigorous bound on max |P_g(s) - e^s| / e^s over |s| <= beta, in exact arithmetic."""
+        raise NotImplementedError
+
+    def abs_sum(self, beta: float, g: int) -> float:
+        """sum_t |c_t| beta^t: the magnitude that roundoff in features is relative to."""
+        c = self.coefficients(beta, g)
+        return float(np.sum(np.abs(c) * beta ** np.arange(len(c))))
+
+    def certified_error(self, beta: float, g: int) -> float:
+        """Certified relative error of the float64 coefficients, max |P(s)/e^s - 1| on |s|<=beta."""
+        beta = float(beta)
+        trunc = self.truncation_error(beta, g)
+        # coefficients are stored in float64: each carries relative error <= 4u after conversion
+        coef = 4 * U64 * self.abs_sum(beta, g) * math.exp(beta)
+        return trunc + coef + self._coefficient_input_error(beta, g)
+
+    def _coefficient_input_error(self, beta: float, g: int) -> float:
+        return 0.0
+
+    def degree_for(self, beta: float, tol: float, max_degree: int = 40) -> int | None:
+        """Smallest g <= max_degree with output_error(certified_error(beta, g)) <= tol, else None."""
+        for g in range(0, max_degree + 1):
+            if output_error(self.certified_error(beta, g)) <= tol:
+                return g
+        return None
+
+    def derivative_error(self, beta: float, g: int) -> float:
+        """Bound on max |P'(s) - e^s| / e^s over |s| <= beta (for gradients; see DESIGN 5.5)."""
+        raise NotImplementedError  # pragma: no cover
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class Chebyshev(Approximant):
+    """Truncated Chebyshev series of exp(beta t) on [-1, 1], t = s / beta.
+
+    exp(beta t) = I_0(beta) + 2 sum_{k>=1} I_k(beta) T_k(t) (Abramowitz & Stegun 9.6.34), so the
+    truncation error is at most 2 sum_{k>g} I_k(beta) <= 2 I_{g+1}(beta) / (1 - beta / (2(g+2)))
+    using I_{k+1}(beta) <= beta I_k(beta) / (2(k+1)); dividing by min e^s = e^-beta gives the
+    relative bound (DESIGN 5.2).
+    """
+
+    name = "chebyshev"
+
+    @staticmethod
+    def _tail(beta: float, g: int) -> float:
+        """Rigorous bound on sum_{k>g} I_k(beta), scaled by e^-beta (i.e. using ive)."""
+        if beta == 0.0:
+            return 0.0
+        ratio = beta / (2.0 * (g + 2))
+        first = float(special.ive(g + 1, beta)) * (1 + BESSEL_REL_ERR)
+        if ratio < 1.0:
+            return first / (1.0 - ratio)
+        return 0.5  # I_0 + 2 sum I_k = e^beta, so the tail is at most e^beta / 2
+
+    def truncation_error(self, beta: float, g: int) -> float:
+        # e^beta * 2 * sum_{k>g} I_k(beta) = e^{2 beta} * 2 * tail_scaled
+        return math.exp(2.0 * beta) * 2.0 * self._tail(beta, g)
+
+    def _coefficient_input_error(self, beta: float, g: int) -> float:
+        # Bessel values carry relative error <= BESSEL_REL_ERR; |T_k| <= 1 on [-1, 1]
+        ks = np.arange(g + 1)
+        total = float(np.sum(special.ive(ks, beta))) * 2.0 * math.exp(beta)
+        return BESSEL_REL_ERR * total * math.exp(beta)
+
+    @lru_cache(maxsize=512)
+    def coefficients(self, beta: float, g: int) -> np.ndarray:
+        beta = float(beta)
+        if beta == 0.0:
+            out = np.zeros(g + 1)
+            out[0] = 1.0
+            return out
+        cheb = [Fraction(float(special.iv(k, beta))) * (1 if k == 0 else 2) for k in range(g + 1)]
+        inv = Fraction(1) / Fraction(beta)
+        mono = [Fraction(0)] * (g + 1)
+        for k, a in enumerate(cheb):
+            for t, c in enumerate(_chebyshev_monomials(k)):
+                if c:
+                    mono[t] += a * c
+        return np.array([float(c * inv**t) for t, c in enumerate(mono)])
+
+    def derivative_error(self, beta: float, g: int) -> float:
+        # d/ds of the tail: |T_k'(t)| <= k^2 on [-1,1] and dt/ds = 1/beta (DESIGN 5.5)
+        if beta == 0.0:
+            return 0.0
+        ks = np.arange(g + 1, g + 400)
+        terms = 2.0 * ks.astype(float) ** 2 * special.ive(ks, beta)
+        tail = float(np.sum(terms)) * (1 + BESSEL_REL_ERR)
+        # remaining terms beyond g+400 are negligible (superexponential decay) but bound them too
+        tail += 2.0 * float(special.ive(g + 400, beta)) * (g + 400) ** 2 * 2
+        return math.exp(2.0 * beta) * tail / beta + self.certified_error(beta, g) * 0.0
+
+
+class Taylor(Approximant):
+    """Truncated Taylor series sum_{t<=g} s^t / t!, with the Lagrange remainder as certificate:
+    |e^s - P(s)| <= e^{max(s,0)} |s|^{g+1} / (g+1)!, so relative error <= e^{2 beta} beta^{g+1}/(g+1)!."""
+
+    name = "taylor"
+
+    @lru_cache(maxsize=512)
+    def coefficients(self, beta: float, g: int) -> np.ndarray:
+        return np.array([1.0 / math.factorial(t) for t in range(g + 1)])
+
+    def truncation_error(self, beta: float, g: int) -> float:
+        beta = float(beta)
+        return math.exp(2.0 * beta + (g + 1) * math.log(beta) - math.lgamma(g + 2)) if beta > 0 else 0.0
+
+    def derivative_error(self, beta: float, g: int) -> float:
+        beta = float(beta)
+        if beta == 0.0:
+            return 0.0
+        # P' is the degree g-1 Taylor polynomial
+        return math.exp(2.0 * beta + g * math.log(beta) - math.lgamma(g + 1))
+
+
+APPROXIMANTS: dict[str, Approximant] = {"chebyshev": Chebyshev(), "taylor": Taylor()}
+
+
+def get_approximant(name: str | Approximant) -> Approximant:
+    if isinstance(name, Approximant):
+        return name
+    try:
+        return APPROXIMANTS[name]
+    except KeyError:
+        raise InputError(
+            f"unknown approximant {name!r}; valid approximants are {closest_names(name, APPROXIMANTS)}"
+        ) from None

@@ -1,0 +1,62 @@
+"""Entry bounds from inputs: beta (score radius, decides the degree), B (the papers' entry bound,
+decides the verdict), tau_k(n) (the order-k threshold) and vmax (DESIGN 5.2, 5.3)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..inputs import Operands
+
+
+def threshold(order: int, n: int) -> float:
+    """tau_k(n) = (ln n)^(1/k): Alman & Song's threshold for order-k attention (DESIGN 5.3)."""
+    return math.log(n) ** (1.0 / order) if n > 1 else 0.0
+
+
+@dataclass(frozen=True)
+class InputStats:
+    beta: float  # rigorous bound on |s| over every (query, key tuple)
+    B: float  # (|scale| D max|q| prod max|k_m|)^(1/k)
+    vmax: float  # bound on |combined value| for one key tuple
+    n_max: int
+
+
+def _missing_factor(feats: str, contracted: tuple[str, ...], sizes: dict[str, int]) -> float:
+    """sqrt of the number of times each entry repeats when the operand is expanded to all D tuples."""
+    return math.sqrt(math.prod(sizes[c] for c in contracted if c not in feats))
+
+
+def input_stats(ops: Operands) -> InputStats:
+    spec, se = ops.spec, ops.spec.score_einsum
+    scale = abs(ops.scale)
+    operands = [ops.q, *ops.keys]
+    with torch.no_grad():
+        Z = ops.q.shape[0]
+        l2 = []
+        linf = []
+        for t, feats in zip(operands, se.features):
+            flat = t.detach().reshape(Z, t.shape[1], -1)
+            if flat.shape[1] == 0:
+                l2.append(0.0)
+                linf.append(0.0)
+                continue
+            l2.append(float(flat.norm(dim=-1).max()) * _missing_factor(feats, se.contracted, ops.sizes))
+            linf.append(float(flat.abs().max()))
+        wnorm = 1.0
+        if ops.rel is not None:
+            wnorm = float(torch.linalg.matrix_norm(ops.rel.detach(), ord=2).max())
+            wmax_entry = wnorm
+        vals = [float(v.detach().abs().max()) if v.numel() else 0.0 for v in ops.values]
+    # Hoelder: |s| <= scale ||x_0||_2 ||x_1||_2 prod_{m>=2} ||x_m||_inf on expanded D-vectors
+    beta = scale * l2[0] * l2[1] * math.prod(linf[2:]) * wnorm
+    D = ops.D
+    prod_entries = linf[0] * math.prod(linf[1:])
+    if ops.rel is not None:
+        prod_entries *= wmax_entry
+    B = (scale * D * prod_entries) ** (1.0 / spec.order)
+    ve = spec.value_einsum
+    vmax = math.prod(vals) * math.prod(ops.value_sizes[c] for c in ve.summed)
+    return InputStats(beta=beta, B=B, vmax=vmax, n_max=max(ops.n, *ops.ms))

@@ -1,0 +1,28 @@
+"""Flop model for exact vs polynomial attention (DESIGN 7); used by plan() and backend='auto'."""
+
+from __future__ import annotations
+
+import math
+
+#: flops charged per exp and per softmax bookkeeping in the exact backend
+EXP_FLOPS = 10
+#: poly's measured slowdown per counted flop relative to exact (gathers, cumsums); auto uses it
+POLY_OVERHEAD = 2.0
+
+
+def exact_flops(Z: int, n: int, ms: tuple[int, ...], D: int, E: int, causal: bool) -> int:
+    k = len(ms) + 1
+    tuples = n * math.prod(ms)
+    if causal:
+        tuples //= k  # j_m <= i for every slot: sum_i i^(k-1) ~ n^k / k
+    per = 2 * D * (k - 1) + 2 * E * (k - 1) + EXP_FLOPS
+    return Z * tuples * per
+
+
+def poly_flops(Z: int, n: int, ms: tuple[int, ...], r: int, E: int, value_dims: list[int], causal: bool) -> int:
+    features = (n + sum(ms)) * r
+    stats = sum(2 * m * r * (e + 1) for m, e in zip(ms, value_dims))
+    combine = r * (E + 1) * (len(ms) - 1) * (n if causal else 1)
+    queries = 2 * n * r * (E + 1)
+    prefix = sum(m * r * (e + 1) for m, e in zip(ms, value_dims)) if causal else 0
+    return Z * (features + stats + combine + queries + prefix)

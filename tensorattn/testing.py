@@ -1,0 +1,150 @@
+"""Test helpers shipped with the package: a float64 numpy brute-force reference for every spec, and
+input builders that draw bounded random inputs for any spec.
+
+The reference is written independently of the torch engine (plain numpy einsum over the full
+score tensor); it exists to check the engine, never to serve users.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from .spec import Spec, get_spec
+
+
+def _rope_np(x: np.ndarray, pos: np.ndarray, base: float, layout: str) -> np.ndarray:
+    d = x.shape[-1]
+    out = np.empty_like(x)
+    for l in range(d // 2):
+        theta = base ** (-2.0 * l / d)
+        ang = pos * theta
+        c, s = np.cos(ang)[:, None], np.sin(ang)[:, None]
+        a, b = (2 * l, 2 * l + 1) if layout == "interleaved" else (l, l + d // 2)
+        xa, xb = x[..., :, a:a + 1], x[..., :, b:b + 1]
+        out[..., :, a:a + 1] = xa * c - xb * s
+        out[..., :, b:b + 1] = xa * s + xb * c
+    return out
+
+
+def reference_attention(
+    q: Any,
+    k: Any,
+    v: Any,
+    *,
+    spec: str | Spec = "pairwise",
+    causal: bool = False,
+    scale: float | None = None,
+    q_offset: int = 0,
+    rope_base: float = 10000.0,
+    rope_layout: str = "interleaved",
+    rel: Any = None,
+    alibi_slope: float | None = None,
+) -> np.ndarray:
+    """Brute-force float64 attention: materialize every score, softmax jointly over key tuples."""
+    spec = get_spec(spec)
+    se, ve = spec.score_einsum, spec.value_einsum
+    nk = spec.order - 1
+    ks = [k] if spec.order == 2 and not isinstance(k, (list, tuple)) else list(k)
+    vs = [v] if spec.order == 2 and not isinstance(v, (list, tuple)) else list(v)
+    f64 = lambda a: np.asarray(a.detach().cpu() if hasattr(a, "detach") else a, dtype=np.float64)  # noqa: E731
+    q, ks, vs = f64(q), [f64(x) for x in ks], [f64(x) for x in vs]
+    n = q.shape[-1 - len(se.features[0])]
+    ms = [x.shape[-1 - len(f)] for x, f in zip(ks, se.features[1:])]
+    D = math.prod(q.shape[-len(se.features[0]):]) if spec.positional is None else q.shape[-1]
+    if spec.positional is None:
+        sizes = {}
+        for x, f in zip([q, *ks], se.features):
+            for c, s_ in zip(f, x.shape[x.ndim - len(f):]):
+                sizes[c] = s_
+        D = math.prod(sizes[c] for c in se.contracted)
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    qpos = np.arange(n) + q_offset
+    kpos = [np.arange(m) for m in ms]
+    if spec.positional == "rope":
+        q = _rope_np(q, qpos.astype(np.float64), rope_base, rope_layout)
+        ks = [_rope_np(ks[0], kpos[0].astype(np.float64), rope_base, rope_layout)]
+    ell = "..."
+    if spec.positional == "relative":
+        W = f64(rel)
+        idx = qpos[:, None] - kpos[0][None, :] + (ms[0] - 1)
+        s = np.einsum("...ia,ijab,...jb->...ij", q, W[idx], ks[0]) * scale
+        if alibi_slope:
+            s = s - alibi_slope * np.abs(qpos[:, None] - kpos[0][None, :])
+    else:
+        expr = ",".join(ell + op for op in se.operands) + "->" + ell + se.output
+        s = np.einsum(expr, q, *ks) * scale
+    if causal:
+        mask = np.ones(s.shape[-spec.order:], dtype=bool)
+        for slot in range(nk):
+            ok = kpos[slot][None, :] <= qpos[:, None]
+            shape = [n] + [1] * nk
+            shape[1 + slot] = ms[slot]
+            mask = mask & ok.reshape(shape)
+        s = np.where(mask, s, -np.inf)
+    axes = tuple(range(s.ndim - nk, s.ndim))
+    s = s - s.max(axis=axes, keepdims=True)
+    p = np.exp(s)
+    p = p / p.sum(axis=axes, keepdims=True)
+    vexpr = ell + se.output + "," + ",".join(ell + op for op in ve.operands) + "->" + ell + ve.output
+    return np.einsum(vexpr, p, *vs)
+
+
+def random_inputs(
+    spec: str | Spec = "pairwise",
+    n: int = 16,
+    d: int = 8,
+    *,
+    m: int | None = None,
+    e: int | None = None,
+    batch: tuple[int, ...] = (),
+    bound: float = 1.0,
+    sizes: dict[str, int] | None = None,
+    dtype: Any = np.float32,
+    seed: int = 0,
+):
+    """Uniform inputs in [-bound, bound] shaped for ``spec``: returns (q, k, v).
+
+    For order 2, k and v are arrays; for higher orders they are tuples with one array per key slot.
+    Every contracted index has size d unless ``sizes`` says otherwise; value indices have size e.
+    """
+    spec = get_spec(spec)
+    se, ve = spec.score_einsum, spec.value_einsum
+    rng = np.random.default_rng(seed)
+    m = n if m is None else m
+    e = d if e is None else e
+    sizes = {c: d for c in se.contracted} | (sizes or {})
+    draw = lambda shape: rng.uniform(-bound, bound, size=shape).astype(dtype)  # noqa: E731
+    q = draw((*batch, n, *[sizes[c] for c in se.features[0]]))
+    ks = [draw((*batch, m, *[sizes[c] for c in f])) for f in se.features[1:]]
+    vs = [rng.uniform(-1, 1, size=(*batch, m, *[e] * len(letters))).astype(dtype) for letters in ve.value_letters]
+    if spec.order == 2:
+        return q, ks[0], vs[0]
+    return q, tuple(ks), tuple(vs)
+
+
+def random_rel(n: int, m: int, d: int, *, kind: str = "dense", q_offset: int = 0, bound: float = 1.0,
+               seed: int = 0, dtype: Any = np.float32, rope_base: float = 10000.0) -> np.ndarray:
+    """Relative-position matrices W of shape (q_offset+n+m-1, d, d).
+
+    kind='dense': entries uniform in [-bound/sqrt(d), bound/sqrt(d)]; 'identity': W_t = I;
+    'rope': W_t = the interleaved RoPE rotation by offset t - (m-1), so relative == rope."""
+    L = q_offset + n + m - 1
+    if kind == "identity":
+        return np.broadcast_to(np.eye(d, dtype=dtype), (L, d, d)).copy()
+    if kind == "rope":
+        W = np.zeros((L, d, d))
+        t = np.arange(L) - (m - 1)
+        for l in range(d // 2):
+            ang = t * rope_base ** (-2.0 * l / d)
+            c, s = np.cos(ang), np.sin(ang)
+            # q^T R(-i)^T... R_i^T R_j = R(j - i); s_ij = q^T R(i-j)^T k with R^T(i-j) = R(j-i)
+            W[:, 2 * l, 2 * l] = c
+            W[:, 2 * l, 2 * l + 1] = s
+            W[:, 2 * l + 1, 2 * l] = -s
+            W[:, 2 * l + 1, 2 * l + 1] = c
+        return W.astype(dtype)
+    rng = np.random.default_rng(seed)
+    return rng.uniform(-bound, bound, size=(L, d, d)).astype(dtype) / np.sqrt(d)

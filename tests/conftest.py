@@ -1,0 +1,25 @@
+import os
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+settings.register_profile(
+    "ci", max_examples=25, derandomize=True, deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.register_profile("dev", max_examples=100, deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+@pytest.fixture
+def restore_registry():
+    """Snapshot the spec and backend registries; restore them even if the test fails."""
+    from tensorattn.backends.base import BACKENDS
+    from tensorattn.spec.registry import _registry
+
+    specs, backends = dict(_registry()), dict(BACKENDS)
+    yield
+    _registry().clear()
+    _registry().update(specs)
+    BACKENDS.clear()
+    BACKENDS.update(backends)
