@@ -9,12 +9,17 @@ tuples factorizes:
 
 so the cost is O((n + sum m) r e) instead of O(n prod m d). Causal attention replaces each
 U_m^T [v_m | 1] by its prefix sum over positions, chunked so memory stays O(chunk r e).
+
+The factorized engine (``FactorizedAttention``) takes feature callables, so the random-feature and
+Taylor baselines and the distributed frontend reuse it with their own feature maps.
 """
 
 from __future__ import annotations
 
 import math
 import string
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -25,6 +30,7 @@ from .base import Backend
 from .exact import contract
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
+FeatureFn = Callable[[torch.Tensor], torch.Tensor]
 
 
 def expand_operand(t: torch.Tensor, feats: str, contracted: tuple[str, ...], sizes: dict[str, int]) -> torch.Tensor:
@@ -35,6 +41,149 @@ def expand_operand(t: torch.Tensor, feats: str, contracted: tuple[str, ...], siz
     shape = [Z, N] + [sizes[c] if c in feats else 1 for c in contracted]
     full = [Z, N] + [sizes[c] for c in contracted]
     return t.reshape(shape).expand(full).reshape(Z, N, math.prod(full[2:]))
+
+
+def augment(v: torch.Tensor) -> torch.Tensor:
+    """[v | 1]: one GEMM gives the numerator statistics and the normalizer."""
+    return torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)
+
+
+@dataclass
+class FactorizedAttention:
+    """out_i = U_q[i] . combine_m(U_m^T [v_m | 1]) for any feature maps (DESIGN 5.1).
+
+    ``xs`` are the expanded operands (query first, (Z, N, D) each), ``values`` the flattened values
+    (Z, m, e_m), ``query_features`` / ``key_features`` map (Z, c, D) chunks to (Z, c, r).
+    """
+
+    ops: Operands
+    xs: list[torch.Tensor]
+    values: list[torch.Tensor]
+    value_shapes: list[tuple[int, ...]]
+    query_features: FeatureFn
+    key_features: FeatureFn
+    rank: int
+    budget_elems: int
+
+    @classmethod
+    def from_ops(cls, ops: Operands, query_features: FeatureFn, key_features: FeatureFn, rank: int,
+                 dtype: torch.dtype) -> "FactorizedAttention":
+        se = ops.spec.score_einsum
+        xs = [expand_operand(t.to(dtype), f, se.contracted, ops.sizes) for t, f in zip([ops.q, *ops.keys], se.features)]
+        Z = ops.q.shape[0]
+        values = [v.to(dtype).reshape(Z, v.shape[1], -1) for v in ops.values]
+        shapes = [tuple(v.shape[2:]) for v in ops.values]
+        budget = int(ops.options.get("memory_budget", 64 << 20)) // (torch.finfo(dtype).bits // 8)
+        return cls(ops, xs, values, shapes, query_features, key_features, rank, budget)
+
+    @property
+    def combine_expr(self) -> str:
+        ve = self.ops.spec.value_einsum
+        r = next(c for c in string.ascii_letters if c not in ve.expr)
+        return ",".join("..." + r + letters for letters in ve.value_letters) + "->..." + r + ve.out_letters
+
+    def key_state(self, slot: int, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """U_m^T [v_m | 1] over keys [start, stop) of one slot: (Z, r, e_m + 1)."""
+        x, v = self.xs[1 + slot], self.values[slot]
+        stop = x.shape[1] if stop is None else stop
+        Z = x.shape[0]
+        chunk = max(1, self.budget_elems // (Z * self.rank * 2))
+        state = x.new_zeros(Z, self.rank, v.shape[-1] + 1)
+        for j0 in range(start, stop, chunk):
+            j1 = min(stop, j0 + chunk)
+            state = state + self.key_features(x[:, j0:j1]).transpose(1, 2) @ augment(v[:, j0:j1])
+        return state
+
+    def combine(self, states: list[torch.Tensor]) -> torch.Tensor:
+        """Value einsum on the numerators (entrywise in r), product of normalizers: (..., r, E+1)."""
+        lead = states[0].shape[:-1]
+        nums = [s[..., :-1].reshape(*lead, *vs) for s, vs in zip(states, self.value_shapes)]
+        num = contract(self.combine_expr, *nums).reshape(*lead, -1)
+        den = states[0][..., -1:]
+        for s in states[1:]:
+            den = den * s[..., -1:]
+        return torch.cat([num, den], dim=-1)
+
+    def apply_queries(self, combined: torch.Tensor) -> torch.Tensor:
+        """out = (U_q combined)[:, :E] / (U_q combined)[:, E] over query chunks: (Z, n, E)."""
+        xq = self.xs[0]
+        chunk = max(1, self.budget_elems // (xq.shape[0] * self.rank * 2))
+        outs = []
+        for i0 in range(0, xq.shape[1], chunk):
+            res = self.query_features(xq[:, i0: i0 + chunk]) @ combined
+            outs.append(res[..., :-1] / res[..., -1:])
+        return torch.cat(outs, dim=1)
+
+    def full(self) -> torch.Tensor:
+        states = [self.key_state(s) for s in range(len(self.values))]
+        return self.apply_queries(self.combine(states))
+
+    def causal(self, initial: list[torch.Tensor] | None = None, key_offset: int = 0) -> torch.Tensor:
+        """Prefix states: key j is visible to query i iff j + key_offset <= i + q_offset.
+
+        ``initial`` holds states of keys before this shard (all visible), for sequence parallelism.
+        """
+        ops, xs = self.ops, self.xs
+        Z = xs[0].shape[0]
+        o = ops.q_offset - key_offset
+        nk = len(self.values)
+        E = math.prod(ops.out_value_shape)
+        width = sum(v.shape[-1] + 1 for v in self.values) + E + 1
+        chunk = max(1, self.budget_elems // (Z * self.rank * (2 * width + 1)))
+        states, kcur = [], []
+        for s in range(nk):  # keys before the first query are visible to every query
+            upto = max(0, min(o, xs[1 + s].shape[1]))
+            state = self.key_state(s, 0, upto)
+            if initial is not None:
+                state = state + initial[s]
+            states.append(state)
+            kcur.append(upto)
+        outs = []
+        n = xs[0].shape[1]
+        for i0 in range(0, n, chunk):
+            i1 = min(n, i0 + chunk)
+            per_query = []
+            for s in range(nk):
+                x, v = xs[1 + s], self.values[s]
+                kend = max(0, min(i1 + o, x.shape[1]))
+                a = kcur[s]
+                if kend > a:
+                    U = self.key_features(x[:, a:kend])  # (Z, L, r)
+                    outer = U[..., :, None] * augment(v[:, a:kend])[..., None, :]
+                    prefix = torch.cumsum(outer, dim=1) + states[s][:, None]
+                    full = torch.cat([states[s][:, None], prefix], dim=1)  # (Z, L+1, r, e+1)
+                else:
+                    full = states[s][:, None]
+                pos = torch.arange(i0, i1, device=x.device)
+                count = (pos + o + 1 - a).clamp(0, full.shape[1] - 1)
+                per_query.append(full[:, count])  # (Z, bq, r, e+1)
+                states[s] = full[:, -1]
+                kcur[s] = max(a, kend)
+            combined = self.combine(per_query)  # (Z, bq, r, E+1)
+            Uq = self.query_features(xs[0][:, i0:i1])
+            res = torch.einsum("zir,zirc->zic", Uq, combined)
+            outs.append(res[..., :-1] / res[..., -1:])
+        return torch.cat(outs, dim=1)
+
+    def run(self) -> torch.Tensor:
+        out = self.causal() if self.ops.causal else self.full()
+        return out.reshape(out.shape[0], self.ops.n, *self.ops.out_value_shape).to(self.ops.dtype)
+
+
+def polynomial_engine(plan, ops: Operands) -> FactorizedAttention:
+    """The factorized engine with the plan's certified polynomial features."""
+    cert = plan.certificate
+    g = cert.degree
+    dtype = _DTYPES[cert.feature_dtype]
+    coeffs = get_approximant(plan.approximant).coefficients(float(plan.beta), g)
+    w = torch.as_tensor(query_weights(coeffs, ops.scale, ops.D, g), dtype=dtype, device=ops.q.device)
+    return FactorizedAttention.from_ops(
+        ops,
+        query_features=lambda x: feature_map(x, g) * w,
+        key_features=lambda x: feature_map(x, g),
+        rank=cert.rank,
+        dtype=dtype,
+    )
 
 
 class PolyBackend(Backend):
@@ -56,102 +205,4 @@ class PolyBackend(Backend):
             if self.relative_impl is None:  # pragma: no cover - the planner refuses earlier
                 raise NotImplementedError("relative poly")
             return self.relative_impl(plan, ops)
-        cert = plan.certificate
-        g = cert.degree
-        fdtype = _DTYPES[cert.feature_dtype]
-        se, ve = ops.spec.score_einsum, ops.spec.value_einsum
-        approx = get_approximant(plan.approximant)
-        D = ops.D
-        coeffs = approx.coefficients(float(plan.beta), g)
-        w = torch.as_tensor(query_weights(coeffs, ops.scale, D, g), dtype=fdtype, device=ops.q.device)
-        xs = [expand_operand(t.to(fdtype), f, se.contracted, ops.sizes) for t, f in zip([ops.q, *ops.keys], se.features)]
-        Z = ops.q.shape[0]
-        vflat = [v.to(fdtype).reshape(Z, v.shape[1], -1) for v in ops.values]
-        value_shapes = [tuple(v.shape[2:]) for v in ops.values]
-        rletter = next(c for c in string.ascii_letters if c not in ve.expr)
-        combine_expr = (
-            ",".join("..." + rletter + letters for letters in ve.value_letters)
-            + "->..." + rletter + ve.out_letters
-        )
-        budget = int(ops.options.get("memory_budget", 64 << 20)) // torch.finfo(fdtype).bits * 8
-        r = cert.rank
-        E = math.prod(ops.out_value_shape)
-        if ops.causal:
-            out = self._causal(ops, xs, vflat, value_shapes, w, g, r, E, combine_expr, budget)
-        else:
-            out = self._full(ops, xs, vflat, value_shapes, w, g, r, combine_expr, budget)
-        return out.reshape(Z, ops.n, *ops.out_value_shape).to(ops.dtype)
-
-    @staticmethod
-    def _augment(v: torch.Tensor) -> torch.Tensor:
-        return torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)
-
-    def _combine(self, states, value_shapes, combine_expr):
-        """Value einsum on numerators (entrywise in r), product of normalizers: (..., r, E + 1)."""
-        lead = states[0].shape[:-1]
-        nums = [s[..., :-1].reshape(*lead, *vs) for s, vs in zip(states, value_shapes)]
-        num = contract(combine_expr, *nums).reshape(*lead, -1)
-        den = states[0][..., -1:]
-        for s in states[1:]:
-            den = den * s[..., -1:]
-        return torch.cat([num, den], dim=-1)
-
-    def _full(self, ops, xs, vflat, value_shapes, w, g, r, combine_expr, budget):
-        Z = xs[0].shape[0]
-        chunk = max(1, budget // (Z * r * 2))
-        states = []
-        for x, v in zip(xs[1:], vflat):
-            state = x.new_zeros(Z, r, v.shape[-1] + 1)
-            for j0 in range(0, x.shape[1], chunk):
-                U = feature_map(x[:, j0: j0 + chunk], g)
-                state = state + U.transpose(1, 2) @ self._augment(v[:, j0: j0 + chunk])
-            states.append(state)
-        combined = self._combine(states, value_shapes, combine_expr)  # (Z, r, E+1)
-        outs = []
-        for i0 in range(0, ops.n, chunk):
-            Uq = feature_map(xs[0][:, i0: i0 + chunk], g) * w
-            res = Uq @ combined
-            outs.append(res[..., :-1] / res[..., -1:])
-        return torch.cat(outs, dim=1)
-
-    def _causal(self, ops, xs, vflat, value_shapes, w, g, r, E, combine_expr, budget):
-        """Prefix states: key j is visible to query i iff j <= i + q_offset (for every slot)."""
-        Z = xs[0].shape[0]
-        o = ops.q_offset
-        nk = len(xs) - 1
-        width = sum(v.shape[-1] + 1 for v in vflat) + E + 1
-        chunk = max(1, budget // (Z * r * (2 * width + 1)))
-        states, kcur = [], []
-        for x, v in zip(xs[1:], vflat):  # keys before the first query are visible to all queries
-            state = x.new_zeros(Z, r, v.shape[-1] + 1)
-            upto = min(o, x.shape[1])
-            for j0 in range(0, upto, chunk):
-                j1 = min(upto, j0 + chunk)
-                state = state + feature_map(x[:, j0:j1], g).transpose(1, 2) @ self._augment(v[:, j0:j1])
-            states.append(state)
-            kcur.append(upto)
-        outs = []
-        for i0 in range(0, ops.n, chunk):
-            i1 = min(ops.n, i0 + chunk)
-            per_query = []
-            for s in range(nk):
-                x, v, m = xs[1 + s], vflat[s], xs[1 + s].shape[1]
-                kend = min(i1 + o, m)
-                a = kcur[s]
-                if kend > a:
-                    U = feature_map(x[:, a:kend], g)  # (Z, L, r)
-                    outer = U[..., :, None] * self._augment(v[:, a:kend])[..., None, :]
-                    prefix = torch.cumsum(outer, dim=1) + states[s][:, None]
-                    full = torch.cat([states[s][:, None], prefix], dim=1)  # (Z, L+1, r, e+1)
-                else:
-                    full = states[s][:, None]
-                pos = torch.arange(i0, i1, device=x.device)
-                count = (pos + o + 1 - a).clamp(0, full.shape[1] - 1)
-                per_query.append(full[:, count])  # (Z, bq, r, e+1)
-                states[s] = full[:, -1]
-                kcur[s] = max(a, kend)
-            combined = self._combine(per_query, value_shapes, combine_expr)  # (Z, bq, r, E+1)
-            Uq = feature_map(xs[0][:, i0:i1], g) * w
-            res = torch.einsum("zir,zirc->zic", Uq, combined)
-            outs.append(res[..., :-1] / res[..., -1:])
-        return torch.cat(outs, dim=1)
+        return polynomial_engine(plan, ops).run()
