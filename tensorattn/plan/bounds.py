@@ -38,11 +38,11 @@ def input_stats(ops: Operands) -> InputStats:
         l2 = []
         linf = []
         for t, feats in zip(operands, se.features):
-            flat = t.detach().reshape(Z, t.shape[1], -1)
-            if flat.shape[1] == 0:
+            if t.numel() == 0:
                 l2.append(0.0)
                 linf.append(0.0)
                 continue
+            flat = t.detach().reshape(Z, t.shape[1], -1)
             l2.append(float(flat.norm(dim=-1).max()) * _missing_factor(feats, se.contracted, ops.sizes))
             linf.append(float(flat.abs().max()))
         wnorm = 1.0

@@ -11,6 +11,8 @@ from ..approx.features import rank_for
 from ..approx.polynomials import Approximant, output_error
 
 UNIT_ROUNDOFF = {"float32": float(np.finfo(np.float32).eps) / 2, "float64": float(np.finfo(np.float64).eps) / 2}
+#: beyond this score radius even float64 roundoff (~u e^{2 beta}) exceeds any useful tolerance
+MAX_CERTIFIABLE_BETA = 18.0
 #: float32 features are refused above this beta: cancellation makes roundoff ~ u e^{2 beta} (DESIGN 6)
 FLOAT32_MAX_BETA = 4.0
 
@@ -68,6 +70,8 @@ def choose_certificate(
 
     The feature dtype is float64 when the input is float64, when beta > FLOAT32_MAX_BETA, or when
     float32 roundoff alone would use more than half of the tolerance."""
+    if not beta <= MAX_CERTIFIABLE_BETA:
+        return None
     for g in range(0, max_degree + 1):
         dtype = input_dtype
         if dtype == "float32":
