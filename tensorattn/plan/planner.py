@@ -101,12 +101,16 @@ class Plan:
     def flops(self) -> int | None:
         return self.flops_exact if self.backend == "exact" else self.flops_poly
 
+    @property
+    def _m_text(self) -> str:
+        return str(self.ms[0]) if len(set(self.ms)) == 1 else ",".join(map(str, self.ms))
+
     def __repr__(self) -> str:
         k = self.order
         cert = self.certificate
         lines = [
             f"  Spec:               {self.spec.name}  (order {k}, score {self.spec.score!r})",
-            f"  Sizes:              n={self.n}  m={','.join(map(str, self.ms))}  D={self.D}  "
+            f"  Sizes:              n={self.n}  m={self._m_text}  D={self.D}  "
             f"e={self.E}  batch={self.Z}  causal={self.causal}",
             f"  Scale:              {self.scale:.6g}",
             f"  Entry bound B:      {self.B:.4f}   threshold tau_{k}(n) = (ln {max(self.n, *self.ms)})"
