@@ -24,7 +24,9 @@ def poly_cases(draw):
     causal = draw(st.booleans())
     n = draw(st.integers(1, NMAX[spec.name]))
     m = n if causal else draw(st.integers(1, NMAX[spec.name]))
-    d = {"rope": draw(st.sampled_from([2, 4])), "bilinear3": draw(st.integers(1, 2))}.get(spec.name, draw(st.integers(1, 4)))
+    d = {"rope": draw(st.sampled_from([2, 4])), "bilinear3": draw(st.integers(1, 2))}.get(
+        spec.name, draw(st.integers(1, 4))
+    )
     bound = draw(st.sampled_from([0.3, 1.0, 1.5]))
     batch = draw(st.sampled_from([(), (2,), (2, 2)]))
     dtype = draw(st.sampled_from([np.float32, np.float64]))
@@ -96,7 +98,8 @@ def test_pairwise_verdict_at_n4096(B, passes):
     assert report.passed is passes
     assert report.B == pytest.approx(B, rel=2e-3)
     if not passes:
-        with pytest.raises(ta.BoundError, match=r"B = 3 is not below the threshold tau_2\(n\) = \(ln 4096\)\^\(1/2\) = 2.884"):
+        expected = r"B = 3 is not below the threshold tau_2\(n\) = \(ln 4096\)\^\(1/2\) = 2.884"
+        with pytest.raises(ta.BoundError, match=expected):
             ta.attention(q, k, v, backend="poly", scale=1 / d)
 
 

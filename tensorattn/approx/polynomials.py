@@ -48,6 +48,24 @@ def _chebyshev_monomials(k: int) -> tuple[int, ...]:
     return tuple(out)
 
 
+@lru_cache(maxsize=512)
+def _chebyshev_coefficients(beta: float, g: int) -> np.ndarray:
+    """Monomial coefficients of the degree-g Chebyshev truncation of exp on [-beta, beta]."""
+    beta = float(beta)
+    if beta == 0.0:
+        out = np.zeros(g + 1)
+        out[0] = 1.0
+        return out
+    cheb = [Fraction(float(special.iv(k, beta))) * (1 if k == 0 else 2) for k in range(g + 1)]
+    inv = Fraction(1) / Fraction(beta)
+    mono = [Fraction(0)] * (g + 1)
+    for k, a in enumerate(cheb):
+        for t, c in enumerate(_chebyshev_monomials(k)):
+            if c:
+                mono[t] += a * c
+    return np.array([float(c * inv**t) for t, c in enumerate(mono)])
+
+
 class Approximant:
     """Base class: a family of polynomials P_g approximating exp on [-beta, beta]."""
 
@@ -123,21 +141,8 @@ class Chebyshev(Approximant):
         total = float(np.sum(special.ive(ks, beta))) * 2.0 * math.exp(beta)
         return BESSEL_REL_ERR * total * math.exp(beta)
 
-    @lru_cache(maxsize=512)
     def coefficients(self, beta: float, g: int) -> np.ndarray:
-        beta = float(beta)
-        if beta == 0.0:
-            out = np.zeros(g + 1)
-            out[0] = 1.0
-            return out
-        cheb = [Fraction(float(special.iv(k, beta))) * (1 if k == 0 else 2) for k in range(g + 1)]
-        inv = Fraction(1) / Fraction(beta)
-        mono = [Fraction(0)] * (g + 1)
-        for k, a in enumerate(cheb):
-            for t, c in enumerate(_chebyshev_monomials(k)):
-                if c:
-                    mono[t] += a * c
-        return np.array([float(c * inv**t) for t, c in enumerate(mono)])
+        return _chebyshev_coefficients(float(beta), int(g)).copy()
 
     def derivative_error(self, beta: float, g: int) -> float:
         # d/ds of the tail: |T_k'(t)| <= k^2 on [-1,1] and dt/ds = 1/beta (DESIGN 5.5)
@@ -157,7 +162,6 @@ class Taylor(Approximant):
 
     name = "taylor"
 
-    @lru_cache(maxsize=512)
     def coefficients(self, beta: float, g: int) -> np.ndarray:
         return np.array([1.0 / math.factorial(t) for t in range(g + 1)])
 
