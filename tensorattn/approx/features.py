@@ -4,8 +4,9 @@ A score s = sum_I prod_m x_m[I] over D index tuples has s^t = sum_{|alpha|=t} (t
 x_m^alpha, where alpha runs over multisets of size t of the D coordinates. Each operand therefore
 gets the feature vector phi(x)_alpha = x^alpha for all multisets of size <= g, rank
 r = C(D+g, g). Degree-t monomials are built from degree-(t-1) ones as parent x one coordinate
-(the coordinate is >= the parent's last one, so each multiset appears once), in one batched
-gather-multiply per degree; no Python loop over monomials.
+(the coordinate is >= the parent's largest one, so each multiset appears once). The index tables
+order monomials so that the parents of one coordinate form a contiguous prefix: each degree is D
+broadcast multiplies of contiguous blocks, with no gather and no Python loop over monomials.
 """
 
 from __future__ import annotations
@@ -22,14 +23,19 @@ import torch
 class MonomialTables:
     """Index tables for monomials of degree <= g in D variables.
 
-    ``parents[t]`` / ``coords[t]`` build degree t (t >= 1) from degree t-1. ``degree`` and
-    ``multinomial`` (t!/alpha!, exact integers, as float64) are per monomial over all degrees.
+    Degree-t monomials are ordered by their largest coordinate c, then by parent; the degree-(t-1)
+    list is ordered the same way, so the parents of the block with largest coordinate c are a
+    *prefix* of the previous degree (those whose largest coordinate is <= c). ``parents[t]`` /
+    ``coords[t]`` spell out (parent, coordinate) per monomial; ``prefix[t][c]`` is that prefix
+    length, which lets the feature map multiply contiguous blocks without a gather.
+    ``degree`` and ``multinomial`` (t!/alpha!, exact integers, stored as float64) are per monomial.
     """
 
     D: int
     g: int
     parents: tuple[np.ndarray, ...]
     coords: tuple[np.ndarray, ...]
+    prefix: tuple[tuple[int, ...], ...]
     degree: np.ndarray
     multinomial: np.ndarray
 
@@ -47,48 +53,66 @@ def rank_for(D: int, g: int) -> int:
 def monomial_tables(D: int, g: int) -> MonomialTables:
     parents: list[np.ndarray] = [np.zeros(0, np.int64)]
     coords: list[np.ndarray] = [np.zeros(0, np.int64)]
-    last = np.zeros(1, np.int64)  # last coordinate of each degree-(t-1) monomial
-    run = np.zeros(1, np.int64)  # multiplicity of that last coordinate
+    prefixes: list[tuple[int, ...]] = [()]
+    last = np.full(1, -1, np.int64)  # largest coordinate of each degree-(t-1) monomial (-1: none)
+    run = np.zeros(1, np.int64)  # multiplicity of that coordinate
     weight = np.ones(1, dtype=object)  # exact (t-1)!/alpha!
     degrees = [np.zeros(1, np.int64)]
     weights = [weight]
     for t in range(1, g + 1):
-        counts = D - last
-        total = int(counts.sum())
-        parent = np.repeat(np.arange(last.shape[0]), counts)
-        starts = np.repeat(np.cumsum(counts) - counts, counts)
-        coord = np.arange(total) - starts + np.repeat(last, counts)
-        same = (coord == last[parent]) & (t > 1)
-        new_run = np.where(same, run[parent] + 1, 1)
-        # t!/alpha'! = (t-1)!/alpha! * t / (alpha'_c), exact in Python integers
+        # parents with largest coordinate <= c form a prefix because `last` is sorted
+        counts = np.searchsorted(last, np.arange(D), side="right")
+        parent = np.concatenate([np.arange(cnt) for cnt in counts])
+        coord = np.repeat(np.arange(D), counts)
+        new_run = np.where(coord == last[parent], run[parent] + 1, 1)
+        # t!/alpha'! = (t-1)!/alpha! * t / alpha'_c, exact in Python integers
         new_weight = (weight[parent] * t) // new_run.astype(object)
         parents.append(parent)
         coords.append(coord)
-        degrees.append(np.full(total, t, np.int64))
+        prefixes.append(tuple(int(c) for c in counts))
+        degrees.append(np.full(parent.shape[0], t, np.int64))
         weights.append(new_weight)
         last, run, weight = coord, new_run, new_weight
     multinomial = np.concatenate(weights).astype(np.float64)
-    return MonomialTables(D, g, tuple(parents), tuple(coords), np.concatenate(degrees), multinomial)
+    return MonomialTables(D, g, tuple(parents), tuple(coords), tuple(prefixes), np.concatenate(degrees), multinomial)
 
 
-@lru_cache(maxsize=64)
-def _torch_tables(D: int, g: int, device: str):
+def feature_map_t(xt: torch.Tensor, g: int) -> torch.Tensor:
+    """phi for tokens laid out last: xt of shape (..., D, N) -> (..., C(D+g, g), N).
+
+    Each degree is built from the previous one block by block: the monomials whose largest
+    coordinate is c are (prefix of the previous degree) * x_c, a contiguous broadcast multiply.
+    Without autograd the blocks are written into one preallocated buffer; with autograd they are
+    concatenated (in-place writes would invalidate saved tensors).
+    """
+    D, N = xt.shape[-2], xt.shape[-1]
     tab = monomial_tables(D, g)
-    return [torch.as_tensor(p, device=device) for p in tab.parents], [
-        torch.as_tensor(c, device=device) for c in tab.coords
-    ]
+    lead = xt.shape[:-2]
+    if torch.is_grad_enabled() and xt.requires_grad:
+        levels = [torch.ones(*lead, 1, N, dtype=xt.dtype, device=xt.device)]
+        for t in range(1, g + 1):
+            prev = levels[-1]
+            levels.append(torch.cat([prev[..., :cnt, :] * xt[..., c: c + 1, :]
+                                     for c, cnt in enumerate(tab.prefix[t])], dim=-2))
+        return torch.cat(levels, dim=-2)
+    out = xt.new_empty(*lead, tab.rank, N)
+    out[..., 0, :] = 1
+    lo, hi = 0, 1  # rows of the previous degree
+    for t in range(1, g + 1):
+        pos = hi
+        for c, cnt in enumerate(tab.prefix[t]):
+            torch.mul(out[..., lo: lo + cnt, :], xt[..., c: c + 1, :], out=out[..., pos: pos + cnt, :])
+            pos += cnt
+        lo, hi = hi, pos
+    return out
 
 
 def feature_map(x: torch.Tensor, g: int) -> torch.Tensor:
-    """phi(x) for x of shape (..., D): all monomials of degree <= g, shape (..., C(D+g, g))."""
-    D = x.shape[-1]
-    parents, coords = _torch_tables(D, g, str(x.device))
-    level = torch.ones(*x.shape[:-1], 1, dtype=x.dtype, device=x.device)
-    out = [level]
-    for t in range(1, g + 1):
-        level = level.index_select(-1, parents[t]) * x.index_select(-1, coords[t])
-        out.append(level)
-    return torch.cat(out, dim=-1)
+    """phi(x) for x of shape (..., N, D): all monomials of degree <= g, shape (..., N, C(D+g, g)).
+
+    The result is a transposed view of a tokens-last buffer, so ``phi.transpose(-1, -2)`` is
+    contiguous for the key-side GEMM U^T [v | 1]."""
+    return feature_map_t(x.transpose(-1, -2), g).transpose(-1, -2)
 
 
 def query_weights(coeffs: np.ndarray, scale: float, D: int, g: int) -> np.ndarray:

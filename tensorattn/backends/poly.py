@@ -64,17 +64,19 @@ class FactorizedAttention:
     key_features: FeatureFn
     rank: int
     budget_elems: int
+    #: per-feature query weights folded into the combined statistics (r,), or None
+    query_weights: torch.Tensor | None = None
 
     @classmethod
     def from_ops(cls, ops: Operands, query_features: FeatureFn, key_features: FeatureFn, rank: int,
-                 dtype: torch.dtype) -> "FactorizedAttention":
+                 dtype: torch.dtype, query_weights: torch.Tensor | None = None) -> "FactorizedAttention":
         se = ops.spec.score_einsum
         xs = [expand_operand(t.to(dtype), f, se.contracted, ops.sizes) for t, f in zip([ops.q, *ops.keys], se.features)]
         Z = ops.q.shape[0]
         values = [v.to(dtype).reshape(Z, v.shape[1], -1) for v in ops.values]
         shapes = [tuple(v.shape[2:]) for v in ops.values]
         budget = int(ops.options.get("memory_budget", 64 << 20)) // (torch.finfo(dtype).bits // 8)
-        return cls(ops, xs, values, shapes, query_features, key_features, rank, budget)
+        return cls(ops, xs, values, shapes, query_features, key_features, rank, budget, query_weights)
 
     @property
     def combine_expr(self) -> str:
@@ -95,22 +97,28 @@ class FactorizedAttention:
         return state
 
     def combine(self, states: list[torch.Tensor]) -> torch.Tensor:
-        """Value einsum on the numerators (entrywise in r), product of normalizers: (..., r, E+1)."""
+        """Value einsum on the numerators (entrywise in r), product of normalizers, times the query
+        weights: (..., r, E+1)."""
         lead = states[0].shape[:-1]
         nums = [s[..., :-1].reshape(*lead, *vs) for s, vs in zip(states, self.value_shapes)]
         num = contract(self.combine_expr, *nums).reshape(*lead, -1)
         den = states[0][..., -1:]
         for s in states[1:]:
             den = den * s[..., -1:]
-        return torch.cat([num, den], dim=-1)
+        combined = torch.cat([num, den], dim=-1)
+        if self.query_weights is not None:
+            combined = combined * self.query_weights[:, None]
+        return combined
 
     def apply_queries(self, combined: torch.Tensor) -> torch.Tensor:
         """out = (U_q combined)[:, :E] / (U_q combined)[:, E] over query chunks: (Z, n, E)."""
         xq = self.xs[0]
         chunk = max(1, self.budget_elems // (xq.shape[0] * self.rank * 2))
         outs = []
+        ct = combined.transpose(1, 2)
         for i0 in range(0, xq.shape[1], chunk):
-            res = self.query_features(xq[:, i0: i0 + chunk]) @ combined
+            # (E+1, r) @ (r, c): the feature buffer is tokens-last, so this GEMM reads it contiguously
+            res = (ct @ self.query_features(xq[:, i0: i0 + chunk]).transpose(1, 2)).transpose(1, 2)
             outs.append(res[..., :-1] / res[..., -1:])
         return torch.cat(outs, dim=1)
 
@@ -179,10 +187,11 @@ def polynomial_engine(plan, ops: Operands) -> FactorizedAttention:
     w = torch.as_tensor(query_weights(coeffs, ops.scale, ops.D, g), dtype=dtype, device=ops.q.device)
     return FactorizedAttention.from_ops(
         ops,
-        query_features=lambda x: feature_map(x, g) * w,
+        query_features=lambda x: feature_map(x, g),
         key_features=lambda x: feature_map(x, g),
         rank=cert.rank,
         dtype=dtype,
+        query_weights=w,
     )
 
 
