@@ -5,7 +5,10 @@
 ['pairwise', 'relative', 'rope', 'triple']
 """
 
-from . import backends  # registers built-in backends
+from . import (
+    backends,  # registers built-in backends
+    distributed,  # ta.distributed.attention: sequence parallel on torch.distributed
+)
 from .api import AttentionInfo, BoundReport, attention, check_bounds
 from .backends import BACKENDS, Backend, get_backend, register_backend
 from .errors import BoundError, InputError, SpecError, TensorAttnError
@@ -30,6 +33,7 @@ __all__ = [
     "TensorAttnError",
     "attention",
     "check_bounds",
+    "distributed",
     "get_backend",
     "get_spec",
     "list_specs",

@@ -61,13 +61,17 @@ BoundReport = Plan
 """check_bounds() returns the Plan for poly on the given inputs: B, tau, beta, degree, rank, flops."""
 
 
-def _plan_for(ops: Operands, backend: str, tol: float, on_unbounded: str) -> Plan:
-    stats = input_stats(ops)
+def _plan_for(ops: Operands, backend: str, tol: float, on_unbounded: str, *, maxima=None,
+              n: int | None = None, ms: tuple[int, ...] | None = None) -> Plan:
+    """The plan for ``ops``; a sequence-parallel caller passes the global ``maxima``, n and ms so
+    that every shard plans the whole sequence and picks the same degree."""
+    stats = input_stats(ops, maxima)
     ve = ops.spec.value_einsum
     value_dims = tuple(int(np.prod(v.shape[2:])) for v in ops.values)
     E = int(np.prod(ops.out_value_shape))
     return make_plan(
-        ops.spec, n=ops.n, ms=ops.ms, D=ops.D, value_dims=value_dims, E=E, Z=ops.q.shape[0],
+        ops.spec, n=ops.n if n is None else n, ms=ops.ms if ms is None else ms, D=ops.D,
+        value_dims=value_dims, E=E, Z=ops.q.shape[0],
         causal=ops.causal, scale=ops.scale, tol=tol, beta=stats.beta, B=stats.B, vmax=stats.vmax,
         backend=backend, on_unbounded=on_unbounded, options=ops.options,
         input_dtype="float64" if ops.dtype == torch.float64 else "float32",

@@ -49,6 +49,8 @@ class Operands:
     q_offset: int
     options: dict[str, Any]
     rel: torch.Tensor | None = None
+    #: global position of each key slot's first token (sequence-parallel shards); () means all 0
+    k_offsets: tuple[int, ...] = ()
     kind: str = "torch"
     out_dtype: Any = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
@@ -85,7 +87,8 @@ class Operands:
         return torch.arange(self.n, device=self.q.device) + self.q_offset
 
     def k_positions(self, slot: int = 0) -> torch.Tensor:
-        return torch.arange(self.ms[slot], device=self.q.device)
+        offset = self.k_offsets[slot] if self.k_offsets else 0
+        return torch.arange(self.ms[slot], device=self.q.device) + offset
 
     def restore(self, out: torch.Tensor):
         """Reshape ``(Z, n, *vals)`` to the caller's leading dims, dtype, device and array type."""
@@ -159,8 +162,12 @@ def _as_list(x: Any, name: str, count: int, spec: Spec) -> list:
     return list(x)
 
 
-def prepare(spec: Spec, q, k, v, *, causal: bool, scale: float | None, options: dict) -> Operands:
-    """Validate and convert user arrays for ``spec``; apply RoPE rotations."""
+def prepare(spec: Spec, q, k, v, *, causal: bool, scale: float | None, options: dict,
+            k_offset: int = 0) -> Operands:
+    """Validate and convert user arrays for ``spec``; apply RoPE rotations.
+
+    ``k_offset`` is the global position of the first key (a sequence-parallel shard's start); it
+    moves key positions for rotations and causal masks the way ``q_offset`` moves queries."""
     se, ve = spec.score_einsum, spec.value_einsum
     nk = spec.order - 1
     ks = _as_list(k, "k", nk, spec)
@@ -277,6 +284,7 @@ def prepare(spec: Spec, q, k, v, *, causal: bool, scale: float | None, options: 
         causal=bool(causal),
         q_offset=q_offset,
         options=options,
+        k_offsets=(int(k_offset),) * nk if k_offset else (),
         kind=kind,
         out_dtype=out_dtype,
         device=device,
@@ -320,7 +328,7 @@ def _apply_rope(ops: Operands) -> None:
     if d % 2:
         raise InputError(f"rope needs an even head dim d to pair coordinates, but q has d={d}")
     ops.q = rope_rotate(ops.q, ops.q_positions(), float(base), layout)
-    ops.keys = [rope_rotate(k, ops.k_positions(), float(base), layout) for k in ops.keys]
+    ops.keys = [rope_rotate(k, ops.k_positions(s), float(base), layout) for s, k in enumerate(ops.keys)]
 
 
 def _prepare_relative(ops: Operands) -> None:

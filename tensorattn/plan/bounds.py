@@ -29,9 +29,27 @@ def _missing_factor(feats: str, contracted: tuple[str, ...], sizes: dict[str, in
     return math.sqrt(math.prod(sizes[c] for c in contracted if c not in feats))
 
 
-def input_stats(ops: Operands) -> InputStats:
-    spec, se = ops.spec, ops.spec.score_einsum
-    scale = abs(ops.scale)
+@dataclass(frozen=True)
+class OperandMaxima:
+    """Per-operand maxima that the bounds are built from. Each is a max over tokens, so shards of
+    a sequence combine by an elementwise max (the distributed frontend all-reduces ``flat()``)."""
+
+    l2: tuple[float, ...]  # max l2 norm of each expanded score operand (query first)
+    linf: tuple[float, ...]  # max |entry| of each score operand
+    vals: tuple[float, ...]  # max |entry| of each value operand
+    wnorm: float  # max spectral norm of the relative matrices W (1.0 without)
+
+    def flat(self) -> list[float]:
+        return [*self.l2, *self.linf, *self.vals, self.wnorm]
+
+    @classmethod
+    def from_flat(cls, xs, order: int) -> "OperandMaxima":
+        xs = [float(x) for x in xs]
+        return cls(tuple(xs[:order]), tuple(xs[order: 2 * order]), tuple(xs[2 * order: 3 * order - 1]), xs[-1])
+
+
+def operand_maxima(ops: Operands) -> OperandMaxima:
+    se = ops.spec.score_einsum
     operands = [ops.q, *ops.keys]
     with torch.no_grad():
         Z = ops.q.shape[0]
@@ -48,14 +66,22 @@ def input_stats(ops: Operands) -> InputStats:
         wnorm = 1.0
         if ops.rel is not None:
             wnorm = float(torch.linalg.matrix_norm(ops.rel.detach(), ord=2).max())
-            wmax_entry = wnorm
         vals = [float(v.detach().abs().max()) if v.numel() else 0.0 for v in ops.values]
+    return OperandMaxima(tuple(l2), tuple(linf), tuple(vals), wnorm)
+
+
+def input_stats(ops: Operands, maxima: OperandMaxima | None = None) -> InputStats:
+    """beta, B and vmax of ``ops``; ``maxima`` overrides the measured ones (e.g. global maxima)."""
+    spec = ops.spec
+    scale = abs(ops.scale)
+    mx = operand_maxima(ops) if maxima is None else maxima
+    l2, linf, vals, wnorm = mx.l2, mx.linf, mx.vals, mx.wnorm
     # Hoelder: |s| <= scale ||x_0||_2 ||x_1||_2 prod_{m>=2} ||x_m||_inf on expanded D-vectors
     beta = scale * l2[0] * l2[1] * math.prod(linf[2:]) * wnorm
     D = ops.D
     prod_entries = linf[0] * math.prod(linf[1:])
     if ops.rel is not None:
-        prod_entries *= wmax_entry
+        prod_entries *= wnorm
     B = (scale * D * prod_entries) ** (1.0 / spec.order)
     ve = spec.value_einsum
     vmax = math.prod(vals) * math.prod(ops.value_sizes[c] for c in ve.summed)
