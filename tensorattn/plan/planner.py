@@ -14,6 +14,14 @@ from ..spec import Spec, get_spec
 from .bounds import threshold
 from .certificate import Certificate, choose_certificate
 from .cost import POLY_OVERHEAD, exact_flops, poly_flops
+from .relative import (
+    RELATIVE_OVERHEAD,
+    RelativeSupport,
+    RelativeTerms,
+    choose_relative,
+    relative_exact_flops,
+    relative_support,
+)
 
 ON_UNBOUNDED = ("raise", "fallback", "ignore")
 
@@ -63,6 +71,8 @@ class Plan:
     reason: str
     vmax: float = 1.0
     options: dict[str, Any] = field(default_factory=dict, repr=False)
+    #: the FFT-Toeplitz terms of the relative path (spec ``relative``), else None
+    relative: RelativeTerms | None = None
 
     @property
     def order(self) -> int:
@@ -124,6 +134,8 @@ class Plan:
                 f"  Certified error:    {cert.output_error:.3e} * max|v|  (tol {self.tol:.1e}; "
                 f"approximation {cert.approx_error:.2e}, roundoff {cert.roundoff:.2e})",
             ]
+            if self.relative is not None:
+                lines.append(f"  Toeplitz terms:     {self.relative.describe()}")
         else:
             lines.append(f"  Polynomial:         none certifies tol {self.tol:.1e} within max_degree "
                          f"{self.options.get('max_degree')}")
@@ -196,17 +208,31 @@ def make_plan(
     n_max = max(n, *ms)
     tau = threshold(spec.order, n_max)
     passed = B < tau
-    cert = choose_certificate(
-        approx, beta, tol, D, max(ms), spec.order, input_dtype=input_dtype,
-        max_degree=max_degree, need_grad=need_grad,
-    )
-    flops_e = exact_flops(Z, n, ms, D, E, causal)
-    flops_p = poly_flops(Z, n, ms, cert.rank, E, list(value_dims), causal) if cert else None
+    rel_terms = None
+    overhead = POLY_OVERHEAD
+    if spec.positional == "relative":  # FFT-Toeplitz path: terms over the support of W (DESIGN 5.4)
+        W = options.get("rel")
+        support = RelativeSupport.dense(D) if W is None else relative_support(W, D)
+        cert, rel_terms = choose_relative(
+            approx, support, beta=beta, B=B, tol=tol, n=n, m=ms[0], Z=Z, E=E,
+            q_offset=int(options.get("q_offset") or 0), alibi_slope=options.get("alibi_slope"),
+            input_dtype=input_dtype, max_degree=max_degree, max_rank=max_rank, need_grad=need_grad,
+        )
+        flops_e = relative_exact_flops(Z, n, ms[0], D, E, causal)
+        flops_p = rel_terms.flops if rel_terms else None
+        overhead = RELATIVE_OVERHEAD
+    else:
+        cert = choose_certificate(
+            approx, beta, tol, D, max(ms), spec.order, input_dtype=input_dtype,
+            max_degree=max_degree, need_grad=need_grad,
+        )
+        flops_e = exact_flops(Z, n, ms, D, E, causal)
+        flops_p = poly_flops(Z, n, ms, cert.rank, E, list(value_dims), causal) if cert else None
     base = dict(
         spec=spec, n=n, ms=ms, D=D, value_dims=value_dims, E=E, Z=Z, causal=causal, scale=scale,
         tol=tol, beta=beta, B=B, threshold=tau, passed=passed, certificate=cert,
         approximant=approx.name, flops_exact=flops_e, flops_poly=flops_p, vmax=vmax,
-        options=options, requested=backend,
+        options=options, requested=backend, relative=rel_terms,
     )
     poly_ok = spec.separable or "poly" in registry and getattr(registry["poly"], "supports_relative", False)
 
@@ -217,7 +243,7 @@ def make_plan(
             return Plan(**base, backend="exact", reason="B is past the threshold")
         if cert is None or cert.rank > max_rank:
             return Plan(**base, backend="exact", reason="no certified polynomial within max_degree/max_rank")
-        if flops_p * POLY_OVERHEAD >= flops_e:
+        if flops_p * overhead >= flops_e:
             return Plan(**base, backend="exact", reason="cost model: exact is cheaper at this size")
         return Plan(**base, backend="poly", reason="within bound and cheaper by the cost model")
     if backend != "poly":
@@ -272,7 +298,8 @@ def plan(
 ) -> Plan:
     """Plan a call from sizes and an entry bound, without data (compare opt_einsum.contract_path).
 
-    ``bound`` is the largest absolute entry of q and the keys; ``beta`` may be given instead.
+    ``bound`` is the largest absolute entry of q and the keys; ``beta`` may be given instead. For
+    spec ``relative`` pass ``rel=W`` to plan with W's support and norm (else a dense W, ||W_t|| <= 1).
 
     >>> import tensorattn as ta
     >>> p = ta.plan("pairwise", n=65536, d=8, bound=1.0, scale=1/8, tol=1e-3)
@@ -295,8 +322,10 @@ def plan(
     if beta is None:
         if bound is None:
             raise InputError("plan() needs bound= (max |entry| of q and k) or beta= (score radius)")
-        beta = abs(scale) * D * bound**k
-        B = (abs(scale) * D * bound**k) ** (1.0 / k)
+        # relative: ||W_t||_2 <= 1 unless rel=W is given (then its largest operator norm)
+        w = relative_support(options["rel"], D).wnorm if options.get("rel") is not None else 1.0
+        beta = abs(scale) * D * bound**k * w
+        B = (abs(scale) * D * bound**k * w) ** (1.0 / k)
     else:
         B = beta ** (1.0 / k) if bound is None else (abs(scale) * D * bound**k) ** (1.0 / k)
     opts = {"max_degree": 40, "max_rank": 1 << 21, "approximant": "chebyshev", **options}
