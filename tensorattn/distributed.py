@@ -124,13 +124,18 @@ class _Comm:
         _record(name, _nbytes(t), (self.world - 1) * _nbytes(t))
         return out
 
-    def isend(self, t: torch.Tensor, dst: int, tag: int):
-        _record("ring", _nbytes(t), 0)
-        return dist.isend(t, dst=self.global_rank(dst), group=self.group, tag=tag)
-
-    def irecv(self, t: torch.Tensor, src: int, tag: int):
-        _record("ring", 0, _nbytes(t))
-        return dist.irecv(t, src=self.global_rank(src), group=self.group, tag=tag)
+    def exchange(self, send: torch.Tensor | None, dst: int, recv: torch.Tensor | None, src: int,
+                 tag: int) -> list:
+        """Post a send and/or a receive as one batch (safe on NCCL too); returns the requests."""
+        ops = []
+        if send is not None:
+            ops.append(dist.P2POp(dist.isend, send, self.global_rank(dst), self.group, tag))
+        if recv is not None:
+            ops.append(dist.P2POp(dist.irecv, recv, self.global_rank(src), self.group, tag))
+        if not ops:
+            return []
+        _record("ring", 0 if send is None else _nbytes(send), 0 if recv is None else _nbytes(recv))
+        return dist.batch_isend_irecv(ops)
 
 
 def _communicator(group) -> _Comm:
@@ -348,11 +353,9 @@ def _ring(comm: _Comm, own: torch.Tensor, sizes: list[int], tag: int, pipeline: 
         if t + 1 < P:
             send = (r + 1 < P and t <= r) if pipeline else True
             recv = (t + 1 <= r) if pipeline else True
-            if send:
-                reqs.append(comm.isend(cur, (r + 1) % P, tag))
             if recv:
                 nxt = own.new_empty(sizes[(r - t - 1) % P])
-                reqs.append(comm.irecv(nxt, (r - 1) % P, tag))
+            reqs = comm.exchange(cur if send else None, (r + 1) % P, nxt, (r - 1) % P, tag)
         yield src, cur
         for req in reqs:
             req.wait()
