@@ -242,7 +242,7 @@ def prepare(spec: Spec, q, k, v, *, causal: bool, scale: float | None, options: 
 
     q_offset = options.get("q_offset")
     if q_offset is not None:
-        if not isinstance(q_offset, (int, np.integer)) or q_offset < 0:
+        if not isinstance(q_offset, (int, np.integer)) or isinstance(q_offset, bool) or q_offset < 0:
             raise InputError(
                 f"q_offset={q_offset!r} must be a non-negative int: the position of the first query "
                 "(queries sit at q_offset..q_offset+n-1, keys at 0..m-1)"

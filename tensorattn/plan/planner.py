@@ -208,12 +208,12 @@ def make_plan(
     n_max = max(n, *ms)
     tau = threshold(spec.order, n_max)
     passed = B < tau
-    rel_terms = None
+    rel_terms, rel_note = None, ""
     overhead = POLY_OVERHEAD
     if spec.positional == "relative":  # FFT-Toeplitz path: terms over the support of W (DESIGN 5.4)
         W = options.get("rel")
         support = RelativeSupport.dense(D) if W is None else relative_support(W, D)
-        cert, rel_terms = choose_relative(
+        cert, rel_terms, rel_note = choose_relative(
             approx, support, beta=beta, B=B, tol=tol, n=n, m=ms[0], Z=Z, E=E,
             q_offset=int(options.get("q_offset") or 0), alibi_slope=options.get("alibi_slope"),
             input_dtype=input_dtype, max_degree=max_degree, max_rank=max_rank, need_grad=need_grad,
@@ -266,7 +266,8 @@ def make_plan(
         raise BoundError(
             f"backend='poly' for spec {spec.name!r}: no polynomial of degree <= max_degree="
             f"{max_degree} certifies tol={tol:g} at beta={beta:.4g} (B={B:.4g}, tau={tau:.4g}). "
-            "Fix: raise max_degree, loosen tol, or use backend='exact'"
+            + (f"For the relative FFT path {rel_note} " if rel_note else "")
+            + "Fix: raise max_degree, loosen tol, or use backend='exact'"
         )
     if cert.rank > max_rank:
         raise BoundError(

@@ -256,14 +256,14 @@ def choose_relative(
     max_degree: int,
     max_rank: int,
     need_grad: bool,
-) -> tuple[Certificate | None, RelativeTerms | None]:
+) -> tuple[Certificate | None, RelativeTerms | None, str]:
     """Smallest degree whose certificate (approximation on [-beta, beta] + FFT roundoff) meets tol.
 
     The FFT path always runs in float64: its error is normwise, so float32 would lose rows whose
     normalizer is small (causal starts, ALiBi decay). The FFT roundoff enters ``certify`` as its
     standard-model estimate u (2g + 4 sqrt(r + m_eff)) abs_sum(beta) e^beta for an equivalent plain
     sum of m_eff terms, so the certificate's roundoff, output and gradient errors all include it.
-    Returns (None, None) when no degree <= max_degree certifies tol.
+    Returns (certificate, terms, "") or, when no degree <= max_degree certifies tol, (None, None, why).
     """
     d, nnz = support.d, support.nnz
     N = fft_length(n, m)
@@ -274,8 +274,12 @@ def choose_relative(
     u = UNIT_ROUNDOFF["float64"]
     for g in range(0, max_degree + 1):
         want = fft_roundoff(approx, beta, beta_abs, g, N, n, m, decay, input_dtype)
-        if not math.isfinite(want):
-            return None, None
+        if not want < tol:
+            why = f"the float64 FFT roundoff alone ({want:.2e}) exceeds tol"
+            if decay:
+                why += (f": queries up to {max(0, q_offset + n - m)} positions past the last key scale every "
+                        f"weight by exp(-alibi_slope * distance) = exp(-{decay:.4g})")
+            return None, None, why + "."
         base = approx.abs_sum(beta, g) * math.exp(beta)
         root = max(0.0, (want / (u * base) - 2 * g) / 4) if base > 0 else 0.0
         r = rank_for(nnz, g)
@@ -288,5 +292,5 @@ def choose_relative(
                 support=support, degree=g, fft_len=N, terms=r, kernels=sum(c[2] for c in counts),
                 alibi_slope=float(alibi_slope or 0.0), flops=relative_flops(counts, Z, n, m, E, N),
             )
-            return cert, terms
-    return None, None
+            return cert, terms, ""
+    return None, None, ""

@@ -1,0 +1,267 @@
+"""Relative positions: rope (rotate, then factor) and relative W_{i-j} (FFT-Toeplitz) on the poly
+backend against the float64 reference, within the certified bound; the identities relative(I) =
+pairwise and relative(RoPE rotations) = rope; decoding with q_offset = the matching slice of full
+causal attention; errors; and what the plan reports."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import tensorattn as ta
+from tensorattn.plan.relative import toeplitz_terms
+from tensorattn.testing import random_inputs, random_rel, reference_attention
+
+
+def half_layout(W: np.ndarray) -> np.ndarray:
+    """RoPE matrices of ``random_rel(kind='rope')`` (pairs 2l, 2l+1) moved to the half layout (l, l+d/2)."""
+    d = W.shape[-1]
+    perm = np.concatenate([np.arange(0, d, 2), np.arange(1, d, 2)])
+    return W[:, perm][:, :, perm]
+
+
+def sparse_rel(n: int, m: int, d: int, *, q_offset: int = 0, seed: int = 0, dtype=np.float64) -> np.ndarray:
+    """Random W whose support is a fixed random pattern (about half the pairs)."""
+    rng = np.random.default_rng(seed)
+    W = random_rel(n, m, d, q_offset=q_offset, seed=seed, dtype=np.float64)
+    mask = rng.random((d, d)) < 0.5
+    return (W * mask).astype(dtype)
+
+
+def max_err(out, ref) -> float:
+    return float(np.abs(np.asarray(out, dtype=np.float64) - ref).max())
+
+
+@st.composite
+def relative_cases(draw):
+    causal = draw(st.booleans())
+    n = draw(st.integers(1, 10))
+    q_offset = draw(st.sampled_from([None, 0, 1, 3]))
+    m = n if causal and q_offset is None else draw(st.integers(1, 10))
+    d = draw(st.sampled_from([2, 4]))
+    e = draw(st.integers(1, 3))
+    batch = draw(st.sampled_from([(), (2,), (2, 2)]))
+    dtype = draw(st.sampled_from([np.float32, np.float64]))
+    seed = draw(st.integers(0, 2**16))
+    bound = draw(st.sampled_from([0.3, 0.6]))
+    q, k, v = random_inputs("relative", n=n, d=d, m=m, e=e, batch=batch, bound=bound, dtype=dtype, seed=seed)
+    kind = draw(st.sampled_from(["dense", "rope", "identity", "sparse"]))
+    off = q_offset or 0
+    if kind == "sparse":
+        W = sparse_rel(n, m, d, q_offset=off, seed=seed, dtype=dtype)
+    else:
+        W = random_rel(n, m, d, kind=kind, q_offset=off, seed=seed, dtype=dtype)
+    options = {"rel": W, "alibi_slope": draw(st.sampled_from([None, 0.25, 1.0]))}
+    if q_offset is not None:
+        options["q_offset"] = q_offset
+    tol = draw(st.sampled_from([1e-2, 1e-3]))
+    return q, k, v, causal, tol, options
+
+
+@given(relative_cases())
+def test_relative_poly_within_certified_bound(case):
+    q, k, v, causal, tol, options = case
+    out, info = ta.attention(q, k, v, spec="relative", backend="poly", causal=causal, tol=tol,
+                             on_unbounded="ignore", return_info=True, **options)
+    ref = reference_attention(q, k, v, spec="relative", causal=causal, **options)
+    err = max_err(out, ref)
+    assert info.backend == "poly" and info.feature_dtype == "float64"
+    assert info.error_bound <= tol * float(np.abs(v).max()) * (1 + 1e-12)
+    assert err <= info.error_bound, f"measured {err:.3e} > certified {info.error_bound:.3e} (degree {info.degree})"
+    rel = info.plan.relative
+    assert info.rank == rel.terms == math.comb(rel.support.nnz + info.degree, info.degree)
+    assert rel.kernels <= rel.terms
+
+
+@st.composite
+def rope_cases(draw):
+    causal = draw(st.booleans())
+    n = draw(st.integers(1, 12))
+    q_offset = draw(st.sampled_from([None, 0, 2, 5]))
+    m = n if causal and q_offset is None else draw(st.integers(1, 12))
+    d = draw(st.sampled_from([2, 4, 6]))
+    batch = draw(st.sampled_from([(), (3,)]))
+    dtype = draw(st.sampled_from([np.float32, np.float64]))
+    seed = draw(st.integers(0, 2**16))
+    q, k, v = random_inputs("rope", n=n, d=d, m=m, e=2, batch=batch, bound=draw(st.sampled_from([0.5, 1.0])),
+                            dtype=dtype, seed=seed)
+    options = {"rope_layout": draw(st.sampled_from(["interleaved", "half"])),
+               "rope_base": draw(st.sampled_from([10000.0, 10.0]))}
+    if q_offset is not None:
+        options["q_offset"] = q_offset
+    return q, k, v, causal, options
+
+
+@given(rope_cases())
+def test_rope_poly_within_certified_bound(case):
+    q, k, v, causal, options = case
+    out, info = ta.attention(q, k, v, spec="rope", backend="poly", causal=causal, on_unbounded="ignore",
+                             return_info=True, **options)
+    ref = reference_attention(q, k, v, spec="rope", causal=causal, **options)
+    assert info.backend == "poly"
+    assert max_err(out, ref) <= info.error_bound
+    # rotations preserve norms, so beta is pairwise's beta on the unrotated inputs
+    pair = ta.check_bounds(q, k, spec="pairwise")
+    assert info.beta == pytest.approx(pair.beta, rel=1e-5)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_relative_identity_equals_pairwise(causal):
+    q, k, v = random_inputs("pairwise", n=9, d=4, e=3, batch=(2,), bound=0.7, dtype=np.float64, seed=3)
+    W = random_rel(9, 9, 4, kind="identity", dtype=np.float64)
+    rel_exact = ta.attention(q, k, v, spec="relative", rel=W, backend="exact", causal=causal)
+    pair_exact = ta.attention(q, k, v, spec="pairwise", backend="exact", causal=causal)
+    assert max_err(rel_exact, pair_exact) < 1e-12
+    rel_poly, ri = ta.attention(q, k, v, spec="relative", rel=W, backend="poly", causal=causal, return_info=True)
+    pair_poly, pi = ta.attention(q, k, v, spec="pairwise", backend="poly", causal=causal, return_info=True)
+    assert (ri.beta, ri.B, ri.threshold, ri.passed) == pytest.approx((pi.beta, pi.B, pi.threshold, pi.passed))
+    assert ri.degree == pi.degree and ri.rank == pi.rank  # W = I: one pair per coordinate
+    # the same polynomial P evaluated two ways: equal up to float64 roundoff
+    assert max_err(rel_poly, pair_poly) < 1e-10
+
+
+@pytest.mark.parametrize("layout", ["interleaved", "half"])
+@pytest.mark.parametrize("q_offset", [None, 3])
+def test_relative_rope_rotations_equal_rope(layout, q_offset):
+    n, m, d = 6, 9, 4
+    off = q_offset or 0
+    q, k, v = random_inputs("rope", n=n, m=m, d=d, e=2, bound=0.8, dtype=np.float64, seed=5)
+    W = random_rel(n, m, d, kind="rope", q_offset=off, dtype=np.float64)
+    W = half_layout(W) if layout == "half" else W
+    opts = {} if q_offset is None else {"q_offset": q_offset}
+    for backend in ("exact", "poly"):
+        a, ia = ta.attention(q, k, v, spec="relative", rel=W, backend=backend, return_info=True, **opts)
+        b, ib = ta.attention(q, k, v, spec="rope", rope_layout=layout, backend=backend, return_info=True, **opts)
+        assert ia.degree == ib.degree
+        assert max_err(a, b) < 1e-10, backend
+    # block-diagonal rotations: 2 nonzeros per row of W
+    assert ia.plan.relative.support.nnz == 2 * d
+
+
+CASES = [("pairwise", {}), ("rope", {"rope_layout": "half"}), ("relative", {"alibi_slope": 0.5})]
+
+
+@pytest.mark.parametrize("spec,opts", CASES)
+@pytest.mark.parametrize("backend", ["exact", "poly"])
+def test_decoding_equals_slice_of_full_causal(spec, opts, backend):
+    T, n, d = 14, 4, 4
+    q, k, v = random_inputs(spec, n=T, d=d, e=3, batch=(2,), bound=0.6, dtype=np.float64, seed=11)
+    opts = dict(opts)
+    if spec == "relative":
+        opts["rel"] = random_rel(T, T, d, kind="dense", dtype=np.float64, seed=11)  # (2T-1, d, d) serves both
+    full = reference_attention(q, k, v, spec=spec, causal=True, **opts)
+    dec, info = ta.attention(q[:, T - n:], k, v, spec=spec, backend=backend, causal=True, q_offset=T - n,
+                             return_info=True, **opts)
+    assert dec.shape == (2, n, 3)
+    assert max_err(dec, full[:, T - n:]) <= max(info.error_bound, 1e-12)
+    if backend == "exact":
+        full_exact = ta.attention(q, k, v, spec=spec, backend="exact", causal=True, **opts)
+        assert max_err(dec, full_exact[:, T - n:]) < 1e-12
+
+
+def test_memory_budget_chunking_gives_the_same_result():
+    q, k, v = random_inputs("relative", n=20, m=17, d=4, e=3, batch=(3,), bound=0.6, dtype=np.float64, seed=2)
+    W = random_rel(20, 17, 4, kind="dense", dtype=np.float64, seed=2)
+    big = ta.attention(q, k, v, spec="relative", rel=W, backend="poly", alibi_slope=0.3)
+    small = ta.attention(q, k, v, spec="relative", rel=W, backend="poly", alibi_slope=0.3, memory_budget=4096)
+    assert max_err(small, big) < 1e-12
+
+
+def test_toeplitz_terms_reproduce_the_polynomial():
+    """sum_mu w_mu x_mu T_mu y_mu = sum_t c_t s^t, term by term from the tables (no FFT)."""
+    from tensorattn.approx import feature_map, query_weights
+
+    rng = np.random.default_rng(0)
+    d, g = 3, 3
+    Wt = rng.normal(size=(d, d)) * (rng.random((d, d)) < 0.6)
+    qi, kj = rng.normal(size=d), rng.normal(size=d)
+    a, b = np.nonzero(Wt)
+    pairs = tuple(zip(a.tolist(), b.tolist()))
+    coeffs = np.array([0.5, -1.0, 0.25, 2.0])
+    w = query_weights(coeffs, 1.0, len(pairs), g)
+    x, y = (feature_map(torch.tensor(z)[None], g)[0].numpy() for z in (qi, kj))
+    total, first = 0.0, 0
+    for dt in toeplitz_terms(d, pairs, g):
+        T = np.prod(Wt[a[dt.pair_index], b[dt.pair_index]], axis=1) if dt.t else np.ones(1)
+        H = np.zeros(dt.kernels)
+        np.add.at(H, dt.kernel, w[dt.weight_index] * T)
+        total += np.sum(x[first + dt.kernel_alpha] * H * y[first + dt.kernel_beta])
+        first += dt.n_alpha
+    s = qi @ Wt @ kj
+    assert total == pytest.approx(np.polyval(coeffs[::-1], s), rel=1e-12)
+
+
+def test_relative_autograd_runs():
+    q, k, v = (torch.tensor(a, requires_grad=True)
+               for a in random_inputs("relative", n=7, d=2, e=2, bound=0.5, dtype=np.float64, seed=1))
+    W = torch.tensor(random_rel(7, 7, 2, dtype=np.float64), requires_grad=True)
+    out = ta.attention(q, k, v, spec="relative", rel=W, backend="poly", causal=True, alibi_slope=0.2)
+    grads = torch.autograd.grad(out.sum(), [q, k, v, W])
+    assert all(bool(torch.isfinite(g).all()) for g in grads)
+
+
+# --- errors -------------------------------------------------------------------------------------
+
+def test_relative_w_wrong_shape_names_expected_shape_with_offset():
+    q, k, v = random_inputs("relative", n=4, m=6, d=2)
+    with pytest.raises(ta.InputError, match=r"expected \(11, 2, 2\) = \(q_offset\+n\+m-1, d, d\).*q_offset=2"):
+        ta.attention(q, k, v, spec="relative", rel=random_rel(4, 6, 2), q_offset=2, backend="poly")
+
+
+def test_relative_nan_in_w():
+    q, k, v = random_inputs("relative", n=4, d=2)
+    W = random_rel(4, 4, 2)
+    W[3, 1, 0] = np.nan
+    with pytest.raises(ta.InputError, match=r"rel contains 1 non-finite.*\(3, 1, 0\)"):
+        ta.attention(q, k, v, spec="relative", rel=W, backend="poly")
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, True, "2"])
+def test_q_offset_must_be_a_non_negative_int(bad):
+    q, k, v = random_inputs("rope", n=3, m=5, d=2)
+    with pytest.raises(ta.InputError, match="q_offset=.* must be a non-negative int"):
+        ta.attention(q, k, v, spec="rope", q_offset=bad, causal=True)
+
+
+def test_relative_bound_check_is_pairwise_threshold():
+    """W = I gives pairwise's B and sqrt(ln n) threshold, so the verdicts agree."""
+    n, d = 64, 4
+    q, k, v = random_inputs("relative", n=n, d=d, bound=2.0, dtype=np.float64, seed=0)
+    W = random_rel(n, n, d, kind="identity", dtype=np.float64)
+    rel = ta.check_bounds(q, k, spec="relative", rel=W, scale=1.0)
+    pair = ta.check_bounds(q, k, spec="pairwise", scale=1.0)
+    assert rel.threshold == pytest.approx(math.sqrt(math.log(n)))
+    assert (rel.B, rel.passed) == (pytest.approx(pair.B), pair.passed) and not rel.passed
+    with pytest.raises(ta.BoundError, match=r"tau_2\(n\) = \(ln 64\)\^\(1/2\).*SETH"):
+        ta.attention(q, k, v, spec="relative", rel=W, backend="poly", scale=1.0)
+    with pytest.warns(ta.BoundWarning):
+        out = ta.attention(q, k, v, spec="relative", rel=W, backend="poly", scale=1.0, on_unbounded="fallback")
+    assert max_err(out, reference_attention(q, k, v, spec="relative", rel=W, scale=1.0)) < 1e-12
+
+
+def test_alibi_far_past_the_keys_is_refused_with_the_reason():
+    """Queries far past the last key: the ALiBi decay of every weight leaves FFT roundoff uncertified."""
+    q, k, v = random_inputs("relative", n=4, m=4, d=2, bound=0.3, dtype=np.float64)
+    W = random_rel(4, 4, 2, q_offset=2000, dtype=np.float64)
+    with pytest.raises(ta.BoundError, match=r"FFT roundoff alone .* 2000 positions past the last key"):
+        ta.attention(q, k, v, spec="relative", rel=W, q_offset=2000, alibi_slope=1.0, backend="poly")
+    out = ta.attention(q, k, v, spec="relative", rel=W, q_offset=2000, alibi_slope=1.0, backend="auto")
+    ref = reference_attention(q, k, v, spec="relative", rel=W, q_offset=2000, alibi_slope=1.0)
+    assert max_err(out, ref) < 1e-12
+
+
+# --- the plan -----------------------------------------------------------------------------------
+
+def test_plan_reports_terms_and_picks_fft_at_large_n():
+    W = random_rel(16384, 16384, 4, kind="rope")
+    p = ta.plan("relative", n=16384, d=4, bound=1.0, scale=1 / 4, rel=W)
+    rel = p.relative
+    assert rel.support.nnz == 8 and p.rank == rel.terms == math.comb(8 + p.degree, p.degree)
+    assert rel.fft_len >= 2 * 16384 - 1 and rel.kernels < rel.terms
+    assert "Toeplitz terms" in repr(p) and f"{rel.terms:,} over 8 of 16 (a,b) pairs" in repr(p)
+    assert p.backend == "poly" and p.flops_poly < p.flops_exact
+    small = ta.plan("relative", n=64, d=4, bound=1.0, scale=1 / 4)
+    assert small.backend == "exact" and small.relative.support.nnz == 16  # no W given: dense
