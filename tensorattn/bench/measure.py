@@ -1,0 +1,136 @@
+"""How the suite measures: warm-ups and repeats with the median, peak memory per case, the harness's
+own overhead, and the affine estimate of quadratic backends from a fraction of the query rows."""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import re
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+_STATUS = "/proc/self/status"
+_CLEAR_REFS = "/proc/self/clear_refs"
+
+
+@dataclass(frozen=True)
+class Timing:
+    median: float
+    times: tuple[float, ...]
+
+    @property
+    def repeats(self) -> int:
+        return len(self.times)
+
+
+def measure(fn: Callable[[], object], *, warmup: int = 1, repeats: int = 3, min_repeats: int = 2,
+            max_seconds: float = 2.0) -> tuple[Timing, object]:
+    """Run ``fn`` ``warmup`` times untimed, then up to ``repeats`` timed runs (at least
+    ``min_repeats``, fewer once the timed runs pass ``max_seconds``). Returns the median and the
+    last result. The timer brackets only the call: inputs are built before, errors computed after."""
+    result = None
+    for _ in range(warmup):
+        result = fn()
+    times: list[float] = []
+    while len(times) < max(1, repeats):
+        t0 = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - t0)
+        if len(times) >= min_repeats and sum(times) > max_seconds:
+            break
+    return Timing(statistics.median(times), tuple(times)), result
+
+
+def harness_overhead(samples: int = 2000) -> float:
+    """Seconds the timing loop itself adds per timed call (a no-op through ``measure``)."""
+    timing, _ = measure(lambda: None, warmup=10, repeats=samples, min_repeats=samples, max_seconds=1e9)
+    return timing.median
+
+
+def _proc_kib(field: str) -> int | None:
+    try:
+        with open(_STATUS) as fh:
+            match = re.search(rf"^{field}:\s+(\d+) kB", fh.read(), re.M)
+    except OSError:
+        return None
+    return int(match.group(1)) if match else None
+
+
+def _release_free_memory() -> None:
+    """Return freed heap pages to the OS so a case cannot hide its peak in memory a previous case
+    left resident (glibc keeps freed blocks below its mmap threshold)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # pragma: no cover - not glibc
+        pass
+
+
+class PeakMemory:
+    """Peak resident memory a block adds above the RSS at its start.
+
+    Linux only: the kernel's high-water mark VmHWM is reset to the current RSS by writing 5 to
+    /proc/self/clear_refs, and read back from /proc/self/status afterwards. This counts every
+    allocation (torch's CPU allocator, numpy, Python) that was resident at the peak. Where the
+    reset is unavailable ``peak_bytes`` stays None and the report shows n/a.
+    """
+
+    method = "VmHWM after clear_refs (Linux), minus RSS at start"
+
+    def __init__(self) -> None:
+        self.peak_bytes: int | None = None
+        self.peak_rss_bytes: int | None = None
+        self._start: int | None = None
+
+    def __enter__(self) -> "PeakMemory":
+        _release_free_memory()
+        try:
+            with open(_CLEAR_REFS, "w") as fh:
+                fh.write("5")
+            self._start = _proc_kib("VmRSS")
+        except OSError:
+            self._start = None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._start is None:
+            return
+        hwm = _proc_kib("VmHWM")
+        if hwm is not None:
+            self.peak_bytes = max(0, hwm - self._start) * 1024
+            self.peak_rss_bytes = hwm * 1024
+
+
+@dataclass(frozen=True)
+class AffineEstimate:
+    """t(W) = a + b W fitted through two measured fractions; W counts visible key tuples."""
+
+    rows: tuple[int, int]
+    work: tuple[float, float]
+    seconds: tuple[float, float]
+    full_work: float
+
+    @property
+    def slope(self) -> float:
+        (w1, w2), (t1, t2) = self.work, self.seconds
+        return max(0.0, (t2 - t1) / (w2 - w1)) if w2 > w1 else t2 / w2
+
+    @property
+    def intercept(self) -> float:
+        return max(0.0, self.seconds[1] - self.slope * self.work[1])
+
+    @property
+    def seconds_full(self) -> float:
+        return self.intercept + self.slope * self.full_work
+
+
+def visible_tuples(n: int, m: int, order: int, causal: bool, q_offset: int = 0, rows: int | None = None) -> float:
+    """Key tuples the exact softmax visits for queries [q_offset, q_offset + rows) of an n-query
+    problem with m keys per slot: m^(k-1) per row, or (i+1)^(k-1) per row i when causal."""
+    rows = n if rows is None else rows
+    if not causal:
+        return float(rows) * float(m) ** (order - 1)
+    p = order - 1
+    return float(sum(min(i + 1, m) ** p for i in range(q_offset, q_offset + rows)))

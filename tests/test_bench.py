@@ -1,0 +1,129 @@
+"""The benchmark harness: a micro suite writes every artifact; the pieces (estimates, crossover,
+overrides, forced-degree poly) behave. Never asserts timings."""
+
+import csv
+import json
+import math
+
+import numpy as np
+import pytest
+
+import tensorattn as ta
+from tensorattn.bench import get_suite, override, run_bench
+from tensorattn.bench.experiments import poly_at_degree
+from tensorattn.bench.measure import AffineEstimate, PeakMemory, measure, visible_tuples
+from tensorattn.bench.plots import crossover
+from tensorattn.bench.report import CSV_FIELDS
+from tensorattn.testing import random_inputs, reference_attention
+
+
+@pytest.fixture(scope="module")
+def micro(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    return out, run_bench("micro", out, progress=False)
+
+
+def test_micro_suite_writes_every_artifact(micro):
+    out, results = micro
+    for name in ("results.json", "results.csv", "report.md", "time_vs_n.png", "error_vs_rank.png",
+                 "phase_transition.png", "fixed_degree_error.png", "needle.png"):
+        assert (out / name).stat().st_size > 0, name
+    loaded = json.loads((out / "results.json").read_text())
+    assert len(loaded["rows"]) == len(get_suite("micro").cases)
+    assert loaded["environment"]["torch_threads"] >= 1 and loaded["environment"]["torch"]
+    with (out / "results.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert tuple(rows[0]) == CSV_FIELDS and len(rows) == len(loaded["rows"])
+    report = (out / "report.md").read_text()
+    assert "## DESIGN §7 targets" in report and "![needle.png](needle.png)" in report
+    assert "n/a: favor" in report  # favor cannot serve triple
+    assert set(results["figures"]) == {"time_vs_n.png", "error_vs_rank.png", "phase_transition.png",
+                                       "fixed_degree_error.png", "needle.png"}
+
+
+def test_micro_rows_are_consistent(micro):
+    _, results = micro
+    rows = results["rows"]
+    statuses = {(r["spec"], r["backend"]): r["status"] for r in rows}
+    assert statuses[("triple", "favor")] == "n/a"
+    for r in rows:
+        if r["status"] != "ok":
+            continue
+        assert r["repeats"] >= 1 and r["median_s"] > 0 and r["error_rows"] > 0
+        if r["backend"] == "poly":
+            assert r["max_error"] <= r["error_bound"], r
+            assert r["rank"] == math.comb(r["d"] + r["degree"], r["degree"])
+        if r["backend"] in ("exact", "sdpa"):
+            assert r["max_error"] < 1e-5
+        if r["backend"] == "favor":  # compared at the rank poly certifies on the same inputs
+            poly = next(p for p in rows if p["backend"] == "poly" and p["spec"] == r["spec"] and p["n"] == r["n"])
+            assert r["rank"] == poly["rank"]
+    assert any(r["estimated"] for r in rows), "the micro suite exercises the row-fraction estimate"
+    assert any(t["workload"].startswith("triple") for t in results["targets"])
+
+
+def test_micro_experiments(micro):
+    _, results = micro
+    exps = results["experiments"]
+    for p in exps["rank"]["points"]:
+        if p["method"] == "poly":
+            assert p["max_error"] <= p["error_bound"]
+    for k in ("2", "3"):
+        pts = exps["phase"][k]["sizes"][0]["points"]
+        degrees = [p["degree"] for p in pts if p["degree"] is not None]
+        assert degrees == sorted(degrees), "degree needed is monotone in B"
+        for p in exps["fixed"][k]["points"]:
+            assert p["max_error"] <= p["error_bound"] * (1 + 1e-9)
+    weights = [p["mean_weight"] for p in exps["needle"]["sizes"][0]["points"]]
+    assert weights[-1] > weights[0] and all(0 <= w <= 1 for w in weights)
+    assert 0 <= exps["gemm"]["gemm_s"] and exps["harness"]["per_call_s"] >= 0
+
+
+def test_measure_and_peak_memory():
+    calls = []
+    timing, result = measure(lambda: calls.append(1) or len(calls), warmup=2, repeats=3, min_repeats=3)
+    assert timing.repeats == 3 and len(calls) == 5 and result == 5 and timing.median >= 0
+    with PeakMemory() as mem:
+        block = np.ones(4 << 20)  # 32 MiB
+        del block
+    assert mem.peak_bytes is None or mem.peak_bytes >= 16 << 20
+
+
+def test_affine_estimate_and_visible_tuples():
+    est = AffineEstimate(rows=(8, 16), work=(800.0, 1600.0), seconds=(1.0, 1.5), full_work=8000.0)
+    assert est.slope == pytest.approx(0.5 / 800) and est.intercept == pytest.approx(0.5)
+    assert est.seconds_full == pytest.approx(5.5)
+    assert visible_tuples(10, 10, 2, False) == 100
+    assert visible_tuples(4, 4, 2, True) == 1 + 2 + 3 + 4
+    assert visible_tuples(4, 4, 3, True, q_offset=2, rows=2) == 9 + 16
+
+
+def test_crossover():
+    ns = [256, 1024, 4096, 16384]
+    assert crossover(ns, [1, 1, 1, 1], [2, 2, 2, 2]) == 256
+    assert crossover(ns, [1, 1, 1, 1], [0.5, 0.5, 0.5, 0.5]) is None
+    x = crossover(ns, [1, 1, 1, 1], [0.5, 0.5, 2, 4])
+    assert 1024 < x < 4096 and x == pytest.approx(2048, rel=1e-9)  # log-log midpoint
+
+
+def test_override_replaces_the_sweep():
+    suite = override(get_suite("default"), spec=["triple"], n=[64], backend=["poly", "favor"])
+    assert [(c.spec, c.backend, c.n) for c in suite.cases] == [("triple", "poly", 64), ("triple", "favor", 64)]
+    assert suite.parts == ("sweep", "targets")
+    same = override(get_suite("default"))
+    assert same.cases == get_suite("default").cases
+    with pytest.raises(ta.InputError, match="unknown part"):
+        override(suite, parts=["sweep", "plots"])
+    with pytest.raises(ta.InputError, match="unknown suite 'nope'; valid suites are 'default', 'full', 'micro'"):
+        get_suite("nope")
+
+
+def test_poly_at_degree_is_certified():
+    q, k, v = random_inputs("pairwise", n=64, d=4, bound=1.5, dtype=np.float64, seed=3)
+    ref = reference_attention(q, k, v, scale=0.25)
+    errors = []
+    for g in (1, 3, 6):
+        out, bound = poly_at_degree(q, k, v, spec="pairwise", degree=g, scale=0.25)
+        errors.append(float(np.abs(out - ref).max()))
+        assert errors[-1] <= bound
+    assert errors[0] > errors[1] > errors[2]
