@@ -7,6 +7,7 @@ single-process ta.attention on the full inputs.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import timedelta
 
 import numpy as np
@@ -14,9 +15,14 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from hypothesis import given
+from hypothesis import strategies as st
 
 import tensorattn as ta
-from tensorattn.testing import random_inputs
+from tensorattn.backends.exact import TileEngine, stream_forward
+from tensorattn.distributed import _merge
+from tensorattn.inputs import prepare, resolve_options
+from tensorattn.testing import random_inputs, reference_attention
 
 pytestmark = pytest.mark.skipif(
     not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed with gloo"
@@ -221,6 +227,25 @@ def test_uninitialized_process_group_is_refused():
                        "init_process_group", "torchrun")
 
 
+@given(n=st.integers(1, 6), cuts=st.lists(st.integers(1, 5), min_size=1, max_size=3, unique=True),
+       causal=st.booleans(), seed=st.integers(0, 3))
+def test_log_sum_exp_merge_of_key_blocks_is_one_softmax(n, cuts, causal, seed):
+    """The exact ring's merge: blocks of keys at global offsets, merged, equal one softmax. Causal
+    blocks leave rows with no visible key (lse = -inf), which must get weight 0."""
+    m = 6 if not causal else n
+    bounds = sorted({0, m, *[c for c in cuts if c < m]})
+    q, k, v = random_inputs("pairwise", n=n, m=m, d=4, dtype=np.float64, seed=seed)
+    spec = ta.get_spec("pairwise")
+    ops = prepare(spec, q, k, v, causal=causal, scale=None, options=resolve_options(spec, {}))
+    acc = None
+    for a, b in zip(bounds, bounds[1:]):
+        block = replace(ops, keys=[ops.keys[0][:, a:b]], values=[ops.values[0][:, a:b]], ms=(b - a,),
+                        k_offsets=(a,))
+        acc = _merge(acc, *stream_forward(TileEngine(block), ops.q, block.keys, block.values, None))
+    want = reference_attention(q, k, v, causal=causal)
+    assert np.abs(acc[0].numpy() - want).max() <= 1e-12
+
+
 def test_communication_formula():
     poly = ta.distributed.communication_bytes("poly", n=1 << 16, ranks=4, d=8, e=8, rank=1287)
     assert poly == ta.distributed.communication_bytes("poly", n=1 << 20, ranks=4, d=8, e=8, rank=1287)
@@ -235,9 +260,25 @@ def test_two_ranks_match_single_process_and_refuse_bad_shards(tmp_path):
     _spawn(tmp_path, 2, _two_rank_checks)
 
 
+def _subgroups(rank: int, world: int) -> None:
+    """Two groups of two ranks run independent calls; group ranks map to global ranks."""
+    groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+    group, sub_rank = groups[rank // 2], rank % 2
+    q, k, v = random_inputs("pairwise", n=9, d=4, dtype=np.float64, seed=rank // 2)
+    cuts = _bounds(9, 2)
+    for backend in ("exact", "poly"):
+        for causal in (False, True):
+            out = ta.distributed.attention(_shard(q, sub_rank, cuts), _shard(k, sub_rank, cuts),
+                                           _shard(v, sub_rank, cuts), backend=backend, causal=causal,
+                                           group=group, on_unbounded="ignore")
+            want = ta.attention(q, k, v, backend=backend, causal=causal, on_unbounded="ignore")
+            assert np.abs(out - want[cuts[sub_rank]: cuts[sub_rank + 1]]).max() <= 1e-10, (rank, backend)
+
+
 def _four_rank_checks(rank: int, world: int) -> None:
     _matches_single_process(rank, world)
     _torch_float32_and_bytes(rank, world)
+    _subgroups(rank, world)
 
 
 def test_four_ranks_match_single_process_and_count_bytes(tmp_path):
