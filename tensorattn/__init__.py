@@ -8,8 +8,9 @@
 from . import (
     backends,  # registers built-in backends
     distributed,  # ta.distributed.attention: sequence parallel on torch.distributed
+    nn,  # ta.nn.TensorAttention, ta.nn.MultiheadTensorAttention
 )
-from .api import AttentionInfo, BoundReport, attention, check_bounds
+from .api import AttentionInfo, BoundReport, attention, check_bounds, grad_error_bound
 from .backends import BACKENDS, Backend, get_backend, register_backend
 from .errors import BoundError, InputError, SpecError, TensorAttnError
 from .plan import BoundWarning, Plan, plan, threshold
@@ -36,7 +37,9 @@ __all__ = [
     "distributed",
     "get_backend",
     "get_spec",
+    "grad_error_bound",
     "list_specs",
+    "nn",
     "plan",
     "register_backend",
     "register_spec",

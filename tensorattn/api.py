@@ -12,6 +12,8 @@ import torch
 from .backends import BACKENDS, get_backend
 from .inputs import Operands, prepare, resolve_options
 from .plan import Plan, input_stats, make_plan
+from .plan.bounds import operand_maxima
+from .plan.certificate import GradientBound, gradient_bound
 from .spec import Spec, get_spec
 
 
@@ -35,17 +37,22 @@ class AttentionInfo:
     passed: bool
     feature_dtype: str | None
     plan: Plan
+    #: per-input gradient bounds (docs/torch.md); ``grad_error_bound`` is their max per unit dO
+    grad: GradientBound | None = None
 
     @classmethod
-    def from_plan(cls, plan: Plan) -> "AttentionInfo":
+    def from_plan(cls, plan: Plan, grad: GradientBound | None = None) -> "AttentionInfo":
+        """``grad_error_bound`` bounds, per unit of max_i ||dO_i||_1, every input's gradient error
+        (``grad`` has the per-input numbers); without ``grad`` it is 0.0 for exact, else None."""
         cert = plan.certificate if plan.backend == "poly" else None
+        gbound = grad.unit if grad is not None else (0.0 if plan.backend == "exact" else None)
         return cls(
             backend=plan.backend, spec=plan.spec.name, order=plan.order,
             degree=cert.degree if cert else None, rank=cert.rank if cert else None,
             beta=plan.beta, B=plan.B, threshold=plan.threshold, error_bound=plan.error_bound,
-            grad_error_bound=plan.grad_error_bound, flops=plan.flops,
+            grad_error_bound=gbound, flops=plan.flops,
             flops_exact=plan.flops_exact, flops_poly=plan.flops_poly, passed=plan.passed,
-            feature_dtype=cert.feature_dtype if cert else None, plan=plan,
+            feature_dtype=cert.feature_dtype if cert else None, plan=plan, grad=grad,
         )
 
     def __repr__(self) -> str:
@@ -119,8 +126,27 @@ def attention(
         out = impl.run(plan, ops)
     result = ops.restore(out)
     if return_info:
-        return result, AttentionInfo.from_plan(plan)
+        return result, AttentionInfo.from_plan(plan, gradient_bound(plan, ops, operand_maxima(ops)))
     return result
+
+
+def grad_error_bound(info: AttentionInfo, d_out: Any, *, by_input: bool = False) -> float | dict[str, float] | None:
+    """Certified bound on the gradient error of one call for the upstream gradient ``d_out``.
+
+    For ``out.backward(d_out)``, bounds the l2 norm of the gradient error of every token (hence
+    every entry: max |grad_poly - grad_exact|) w.r.t. q, the keys and the values; per input with
+    ``by_input=True``. It is at most ``info.grad_error_bound * max_i ||d_out_i||_1``; the derivation
+    is in docs/torch.md. Gradients w.r.t. ``rel`` (W) are not covered, nor the rounding of a cast
+    back to fp16/bf16. Returns None where the backend has no certificate.
+    """
+    if info.grad is None:
+        return None
+    t = torch.as_tensor(np.asarray(d_out) if not isinstance(d_out, torch.Tensor) else d_out).detach()
+    t = t.to(torch.float64).abs()
+    lead = t.ndim - len(info.plan.spec.value_einsum.out_letters)  # rows dO_i: one per query token
+    l1 = float(t.reshape(*t.shape[:lead], -1).sum(-1).max()) if t.numel() else 0.0
+    bounds = info.grad.for_upstream(l1, float(t.max()) if t.numel() else 0.0)
+    return bounds if by_input else max(bounds.values())
 
 
 def check_bounds(

@@ -131,7 +131,8 @@ def _check_float(t: torch.Tensor, name: str) -> None:
 
 
 def check_finite(t: torch.Tensor, name: str) -> None:
-    finite = torch.isfinite(t)
+    with torch.no_grad():  # a check, not part of the graph autograd keeps
+        finite = torch.isfinite(t)
     if not bool(finite.all()):
         bad = (~finite).nonzero()
         first = tuple(int(i) for i in bad[0])

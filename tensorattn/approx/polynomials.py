@@ -53,9 +53,9 @@ def _chebyshev_coefficients(beta: float, g: int) -> np.ndarray:
     """Monomial coefficients of the degree-g Chebyshev truncation of exp on [-beta, beta]."""
     beta = float(beta)
     if beta == 0.0:
-        out = np.zeros(g + 1)
-        out[0] = 1.0
-        return out
+        # the beta -> 0 limit of the series is the Taylor polynomial: exact value *and* slope at
+        # s = 0, so gradients of the surrogate are right even when every score is 0
+        return np.array([1.0 / math.factorial(t) for t in range(g + 1)])
     cheb = [Fraction(float(special.iv(k, beta))) * (1 if k == 0 else 2) for k in range(g + 1)]
     inv = Fraction(1) / Fraction(beta)
     mono = [Fraction(0)] * (g + 1)
@@ -83,6 +83,12 @@ class Approximant:
         c = self.coefficients(beta, g)
         return float(np.sum(np.abs(c) * beta ** np.arange(len(c))))
 
+    def abs_sum_derivative(self, beta: float, g: int) -> float:
+        """sum_t t |c_t| beta^(t-1) >= max |P'(s)| on |s| <= beta: the roundoff scale of gradients."""
+        c = self.coefficients(beta, g)
+        t = np.arange(len(c))
+        return float(np.sum(t[1:] * np.abs(c[1:]) * float(beta) ** (t[1:] - 1)))
+
     def certified_error(self, beta: float, g: int) -> float:
         """Certified relative error of the float64 coefficients, max |P(s)/e^s - 1| on |s|<=beta."""
         beta = float(beta)
@@ -102,8 +108,21 @@ class Approximant:
         return None
 
     def derivative_error(self, beta: float, g: int) -> float:
-        """Bound on max |P'(s) - e^s| / e^s over |s| <= beta (for gradients; see DESIGN 5.5)."""
-        raise NotImplementedError  # pragma: no cover
+        """Certified bound on max |P'(s) - e^s| / e^s over |s| <= beta for the float64 coefficients.
+
+        This is eps'(beta, g) of DESIGN 5.5; the gradient certificate (plan/certificate.py,
+        docs/torch.md) is built from it and from ``certified_error``."""
+        beta = float(beta)
+        # float64 rounding of each c_t: relative <= 4u, so |dP'| <= 4u sum_t t |c_t| beta^(t-1)
+        coef = 4 * U64 * self.abs_sum_derivative(beta, g) * math.exp(beta)
+        return self.derivative_truncation_error(beta, g) + coef + self._derivative_input_error(beta, g)
+
+    def derivative_truncation_error(self, beta: float, g: int) -> float:  # pragma: no cover - abstract
+        """Rigorous bound on max |P_g'(s) - e^s| / e^s over |s| <= beta, in exact arithmetic."""
+        raise NotImplementedError
+
+    def _derivative_input_error(self, beta: float, g: int) -> float:
+        return 0.0
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
@@ -144,16 +163,26 @@ class Chebyshev(Approximant):
     def coefficients(self, beta: float, g: int) -> np.ndarray:
         return _chebyshev_coefficients(float(beta), int(g)).copy()
 
-    def derivative_error(self, beta: float, g: int) -> float:
-        # d/ds of the tail: |T_k'(t)| <= k^2 on [-1,1] and dt/ds = 1/beta (DESIGN 5.5)
+    def derivative_truncation_error(self, beta: float, g: int) -> float:
+        # P_g' - e^s = -d/ds sum_{k>g} 2 I_k(beta) T_k(s/beta) and |T_k'| <= k^2 on [-1, 1] (Markov),
+        # so |P_g' - e^s| <= beta^-1 sum_{k>g} 2 k^2 I_k(beta); divide by min e^s = e^-beta (DESIGN 5.5)
+        if beta == 0.0:
+            return 0.0 if g >= 1 else 1.0  # Taylor coefficients at beta = 0: P' = 1 = e^0 once g >= 1
+        K = g + 1 + max(64, 2 * math.ceil(beta))
+        ks = np.arange(g + 1, K + 1)
+        terms = 2.0 * ks.astype(float) ** 2 * special.ive(ks, beta) * (1 + BESSEL_REL_ERR)
+        # beyond K: term ratio ((k+1)/k)^2 I_{k+1}/I_k <= (k+1) beta / (2 k^2) =: rho <= 1/2 for k >= K
+        rho = (K + 1) * beta / (2.0 * K * K)
+        tail = float(np.sum(terms)) + float(terms[-1]) * rho / (1.0 - rho)
+        return math.exp(2.0 * beta) * tail / beta
+
+    def _derivative_input_error(self, beta: float, g: int) -> float:
+        # Bessel values carry relative error <= BESSEL_REL_ERR; |T_k'(t)| / beta <= k^2 / beta
         if beta == 0.0:
             return 0.0
-        ks = np.arange(g + 1, g + 400)
-        terms = 2.0 * ks.astype(float) ** 2 * special.ive(ks, beta)
-        tail = float(np.sum(terms)) * (1 + BESSEL_REL_ERR)
-        # remaining terms beyond g+400 are negligible (superexponential decay) but bound them too
-        tail += 2.0 * float(special.ive(g + 400, beta)) * (g + 400) ** 2 * 2
-        return math.exp(2.0 * beta) * tail / beta + self.certified_error(beta, g) * 0.0
+        ks = np.arange(g + 1)
+        total = float(np.sum(2.0 * ks.astype(float) ** 2 * special.ive(ks, beta))) * math.exp(beta) / beta
+        return BESSEL_REL_ERR * total * math.exp(beta)
 
 
 class Taylor(Approximant):
@@ -169,11 +198,10 @@ class Taylor(Approximant):
         beta = float(beta)
         return math.exp(2.0 * beta + (g + 1) * math.log(beta) - math.lgamma(g + 2)) if beta > 0 else 0.0
 
-    def derivative_error(self, beta: float, g: int) -> float:
-        beta = float(beta)
+    def derivative_truncation_error(self, beta: float, g: int) -> float:
+        # P' is the degree g-1 Taylor polynomial: relative error <= e^{2 beta} beta^g / g!
         if beta == 0.0:
-            return 0.0
-        # P' is the degree g-1 Taylor polynomial
+            return 0.0 if g >= 1 else 1.0
         return math.exp(2.0 * beta + g * math.log(beta) - math.lgamma(g + 1))
 
 

@@ -193,7 +193,9 @@ class ExactBackend(Backend):
         engine = TileEngine(ops)
         nk = ops.order - 1
         args = [ops.q, *ops.keys, *ops.values] + ([ops.rel] if ops.rel is not None else [])
-        if ops.requires_grad:
+        # need_grad=False only skips the gradient-aware degree choice; it never detaches the output
+        tracked = torch.is_grad_enabled() and any(t.requires_grad for t in args)
+        if tracked or ops.requires_grad:
             return ExactAttentionFunction.apply(engine, nk, *args)
         with torch.no_grad():
             return stream_forward(engine, ops.q, ops.keys, ops.values, ops.rel)[0]

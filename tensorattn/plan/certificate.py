@@ -24,8 +24,20 @@ class Certificate:
     approx_error: float  # certified relative error of the weights (exact arithmetic)
     roundoff: float  # floating-point estimate for the feature dtype (relative)
     output_error: float  # output_error(approx + roundoff): bound on max|out - exact| / vmax
-    grad_factor: float  # eta: dimensionless gradient error factor (DESIGN 5.5, docs/torch.md)
+    grad_factor: float  # eta of docs/torch.md (G3): relative error of the score gradients
     feature_dtype: str
+    derivative_error: float = 0.0  # certified relative error of P' (exact arithmetic, DESIGN 5.5)
+    derivative_roundoff: float = 0.0  # floating-point estimate for P' in the feature dtype
+
+    @property
+    def weight_error(self) -> float:
+        """eps: relative error of every surrogate weight P(s) against e^s (approximation + roundoff)."""
+        return self.approx_error + self.roundoff
+
+    @property
+    def slope_error(self) -> float:
+        """eps': relative error of every surrogate slope P'(s) against e^s."""
+        return self.derivative_error + self.derivative_roundoff
 
 
 def roundoff_estimate(approx: Approximant, beta: float, g: int, rank: int, m: int, order: int, dtype: str) -> float:
@@ -40,6 +52,17 @@ def roundoff_estimate(approx: Approximant, beta: float, g: int, rank: int, m: in
     return u * (2 * g + 4 * math.sqrt(rank + m)) * approx.abs_sum(beta, g) * math.exp(beta) * max(1, order - 1)
 
 
+def gradient_factor(eps: float, deps: float) -> float:
+    """eta (docs/torch.md, eq. G3): with weights within relative eps and slopes within eps' of e^s,
+
+        sum_tau |dL~/ds_tau - dL/ds_tau| <= eta * max_tau |<dO_i, V_tau>|   for every query i,
+
+    eta = 2 (eps + eps') / (1 - eps) + rho(eps), rho the transfer lemma (``output_error``)."""
+    if not eps < 1.0:
+        return math.inf
+    return 2.0 * (eps + deps) / (1.0 - eps) + output_error(eps)
+
+
 def certify(approx: Approximant, beta: float, g: int, D: int, m: int, order: int, dtype: str) -> Certificate:
     r = rank_for(D, g)
     eps = approx.certified_error(beta, g)
@@ -49,9 +72,9 @@ def certify(approx: Approximant, beta: float, g: int, D: int, m: int, order: int
         deps = approx.derivative_error(beta, g)
     except NotImplementedError:  # pragma: no cover
         deps = math.inf
-    e = eps + rnd
-    grad = 2.0 * (deps + rnd + e) / (1.0 - e) + out if e < 1 else math.inf
-    return Certificate(g, r, eps, rnd, out, grad, dtype)
+    # the backward sums the same r monomials and m tokens, with P' in place of P
+    drnd = rnd * approx.abs_sum_derivative(beta, g) / max(approx.abs_sum(beta, g), 1e-300)
+    return Certificate(g, r, eps, rnd, out, gradient_factor(eps + rnd, deps + drnd), dtype, deps, drnd)
 
 
 def choose_certificate(
@@ -76,10 +99,102 @@ def choose_certificate(
         dtype = input_dtype
         if dtype == "float32":
             c32 = certify(approx, beta, g, D, m, order, "float32")
-            if beta > FLOAT32_MAX_BETA or c32.roundoff > tol / 2:
+            if beta > FLOAT32_MAX_BETA or c32.roundoff > tol / 2 or (need_grad and c32.derivative_roundoff > tol / 8):
                 dtype = "float64"
         cert = certify(approx, beta, g, D, m, order, dtype)
         ok = cert.output_error <= tol and (not need_grad or cert.grad_factor <= tol)
         if ok:
             return cert
     return None
+
+
+@dataclass(frozen=True)
+class GradientBound:
+    """Certified bounds on the gradient error of the poly surrogate, per input (docs/torch.md).
+
+    For each input X (``names``: "q", the keys, the values), with dO the upstream gradient and rows
+    dO_i of shape (E,):
+
+        max over tokens of || dL~/dX_token - dL/dX_token ||_2  <=  per_l1[X] * max_i ||dO_i||_1
+
+    and, for values, also <= per_max[X] * max|dO|. Each bound covers every entry of the gradient.
+    """
+
+    names: tuple[str, ...]
+    per_l1: tuple[float, ...]
+    per_max: tuple[float, ...]
+
+    @property
+    def unit(self) -> float:
+        """The largest bound over inputs for max_i ||dO_i||_1 = 1 (``AttentionInfo.grad_error_bound``)."""
+        return max(self.per_l1)
+
+    def for_upstream(self, dout_l1: float, dout_max: float) -> dict[str, float]:
+        """Bounds for an upstream gradient with max_i ||dO_i||_1 = dout_l1 and max|dO| = dout_max."""
+        def times(a: float, x: float) -> float:
+            return 0.0 if a == 0.0 or x == 0.0 else a * x
+
+        return {name: min(times(a, dout_l1), times(b, dout_max))
+                for name, a, b in zip(self.names, self.per_l1, self.per_max)}
+
+
+def _column_mass(n_visible: np.ndarray, ratio: float) -> float:
+    """sum over queries of min(1, ratio / visible): bounds how much attention one key can collect."""
+    vis = n_visible[n_visible > 0].astype(np.float64)
+    return float(np.minimum(1.0, ratio / vis).sum())
+
+
+def gradient_bound(plan, ops, maxima) -> GradientBound | None:
+    """The certified gradient bound of docs/torch.md (G4-G6) for one call.
+
+    ``maxima`` carries the per-operand maxima (expanded l2 norms, max |entry|, max |value|, ||W||_2)
+    that beta was built from. Exact gets zeros; backends without a certificate get None.
+    """
+    from .bounds import _missing_factor
+
+    spec = ops.spec
+    se, ve = spec.score_einsum, spec.value_einsum
+    k = spec.order
+    nk = k - 1
+    names = ("q", "k", "v") if nk == 1 else (
+        "q", *(f"k[{i}]" for i in range(nk)), *(f"v[{i}]" for i in range(nk)))
+    if plan.backend == "exact":
+        zeros = (0.0,) * len(names)
+        return GradientBound(names, zeros, zeros)
+    cert = plan.certificate
+    if plan.backend != "poly" or cert is None:
+        return None
+    eps, eta = cert.weight_error, cert.grad_factor
+    pf = 2.0 * eps / (1.0 - eps) if eps < 1 else math.inf  # |p~ - p| <= pf * p (G5)
+    l2, linf, vals = list(maxima.l2), list(maxima.linf), list(maxima.vals)
+    scale = abs(ops.scale)
+    # S_m >= ||ds/dX_m||_2 by the Hoelder argument that gives beta (G4)
+    sens = []
+    for m in range(k):
+        mf = _missing_factor(se.features[m], se.contracted, ops.sizes)
+        best = min(l2[a] * math.prod(linf[b] for b in range(k) if b not in (m, a)) for a in range(k) if a != m)
+        sens.append(scale * mf * best * maxima.wnorm)
+    # C_m >= max_j sum_i P_i(slot m = j): a visible weight is at most e^{2 beta} times any other (G6)
+    slope = ops.options.get("alibi_slope") if spec.positional == "relative" else None
+    ratio = math.inf if slope else math.exp(min(2.0 * plan.beta, 700.0))
+    qpos = ops.q_positions().cpu().numpy()
+    mass = []
+    for s in range(nk):
+        m_s = ops.ms[s]
+        if ops.causal:
+            first = int(ops.k_positions(s)[0]) if m_s else 0
+            visible = np.clip(qpos - first + 1, 0, m_s)
+        else:
+            visible = np.full(ops.n, m_s)
+        mass.append(_column_mass(visible, ratio))
+    vmax = plan.vmax
+    per_l1 = [eta * vmax * sens[0]] + [eta * vmax * sens[1 + s] * mass[s] for s in range(nk)]
+    per_max = list(per_l1)
+    for s in range(nk):
+        others = math.prod(vals[:s] + vals[s + 1:])
+        letters = ve.value_letters[s]
+        summed = math.prod(ops.value_sizes[c] for c in ve.summed if c not in letters)
+        free_out = math.prod(ops.value_sizes[c] for c in ve.out_letters if c not in letters)
+        per_l1.append(pf * mass[s] * others * summed)
+        per_max.append(pf * mass[s] * others * summed * free_out)
+    return GradientBound(names, tuple(per_l1), tuple(per_max))

@@ -1,0 +1,356 @@
+"""torch.nn frontends: ``TensorAttention`` (functional wrapper) and ``MultiheadTensorAttention``.
+
+Both validate their spec, backend and options in ``__init__`` (a bad argument fails at
+construction, not at the first forward pass) and call ``ta.attention``; they never compute
+attention themselves. Differences from ``torch.nn.MultiheadAttention`` are listed in docs/torch.md.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ..api import AttentionInfo, attention
+from ..backends import get_backend
+from ..errors import InputError, SpecError
+from ..inputs import resolve_options
+from ..plan.planner import ON_UNBOUNDED
+from ..spec import Spec, get_spec
+
+
+def _resolve_spec(spec: str | Spec) -> Spec:
+    if not isinstance(spec, (str, Spec)):
+        raise SpecError(
+            f"spec must be a registered name such as 'pairwise' or 'triple', or a ta.Spec; got "
+            f"{spec!r} ({type(spec).__name__}). (torch.nn.MultiheadAttention's third positional "
+            "argument is dropout; here it is the spec)"
+        )
+    return get_spec(spec)
+
+
+def _check_call_options(spec: Spec, backend: str, tol: float, on_unbounded: str, options: dict) -> dict:
+    """What attention() would refuse, refused at construction."""
+    resolved = resolve_options(spec, options)
+    if backend != "auto":
+        impl = get_backend(backend)
+        if backend == "poly" and not spec.separable and not getattr(impl, "supports_relative", False):
+            raise InputError(
+                f"backend='poly' does not support spec {spec.name!r} (positional={spec.positional!r}); "
+                "use backend='exact' or 'auto'"
+            )
+    if not (isinstance(tol, (int, float)) and 0 < tol < 1):
+        raise InputError(f"tol={tol!r} must be a number in (0, 1): the certified max|out - exact| / max|v|")
+    if on_unbounded not in ON_UNBOUNDED:
+        raise InputError(f"on_unbounded={on_unbounded!r} is not one of {ON_UNBOUNDED}")
+    return resolved
+
+
+def _spec_state(spec: Spec) -> tuple:
+    # Spec keeps its options in a read-only mappingproxy, which does not pickle; store the fields
+    return (spec.name, spec.score, spec.value, spec.positional, dict(spec.options), spec.description)
+
+
+class _SpecModule(nn.Module):
+    """Shared plumbing: the spec, call options, picklable state and the attention() keyword set."""
+
+    spec: Spec
+
+    def _setup(self, spec, backend, tol, causal, scale, on_unbounded, spec_options) -> None:
+        self.spec = _resolve_spec(spec)
+        _check_call_options(self.spec, backend, tol, on_unbounded, spec_options)
+        if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale)):
+            raise InputError(f"scale={scale!r} must be a finite number or None (default 1/sqrt(D))")
+        self.backend = backend
+        self.tol = float(tol)
+        self.causal = bool(causal)
+        self.scale = scale
+        self.on_unbounded = on_unbounded
+        self.spec_options = dict(spec_options)
+
+    def _call_kwargs(self, causal: bool | None, spec_options: dict) -> dict[str, Any]:
+        return dict(
+            spec=self.spec, backend=self.backend, tol=self.tol,
+            causal=self.causal if causal is None else bool(causal), scale=self.scale,
+            on_unbounded=self.on_unbounded, **{**self.spec_options, **spec_options},
+        )
+
+    def _spec_repr(self) -> str:
+        name = self.spec.name if get_spec_or_none(self.spec.name) == self.spec else repr(self.spec)
+        extra = "".join(f", {k}={v!r}" for k, v in self.spec_options.items())
+        return (
+            f"spec={name!r}, order={self.spec.order}, backend={self.backend!r}, tol={self.tol:g}, "
+            f"causal={self.causal}, scale={self.scale!r}, on_unbounded={self.on_unbounded!r}{extra}"
+        )
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["spec"] = _spec_state(self.spec)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        state = dict(state)
+        state["spec"] = Spec(*state["spec"])
+        super().__setstate__(state)
+
+
+@torch.compiler.disable
+def _attention_eager(q, k, v, **kwargs):
+    """ta.attention outside any torch.compile graph: the plan reads data (norms -> beta -> degree)
+    and runs numpy, so tracing it would only add graph breaks; the projections around it compile."""
+    return attention(q, k, v, **kwargs)
+
+
+def get_spec_or_none(name: str) -> Spec | None:
+    try:
+        return get_spec(name)
+    except SpecError:
+        return None
+
+
+class TensorAttention(_SpecModule):
+    """``ta.attention`` as a module, with no parameters: the spec and options are fixed here.
+
+    ``forward(q, k, v, *, causal=None, return_info=False, **spec_options)`` takes arrays laid out as
+    in ``ta.attention`` (``(..., n, d)``; sequences of arrays for the keys and values of order > 2)
+    and returns the output, or ``(output, info)`` with ``return_info=True``.
+
+    >>> import torch, tensorattn as ta
+    >>> attn = ta.nn.TensorAttention(spec="triple", backend="exact")
+    >>> q = torch.randn(2, 16, 8)
+    >>> attn(q, (q, q), (q, q)).shape
+    torch.Size([2, 16, 8])
+    """
+
+    def __init__(
+        self,
+        spec: str | Spec = "pairwise",
+        backend: str = "auto",
+        tol: float = 1e-3,
+        causal: bool = False,
+        scale: float | None = None,
+        on_unbounded: str = "raise",
+        **spec_options: Any,
+    ) -> None:
+        super().__init__()
+        self._setup(spec, backend, tol, causal, scale, on_unbounded, spec_options)
+
+    def forward(self, q, k, v, *, causal: bool | None = None, return_info: bool = False, **spec_options):
+        return _attention_eager(q, k, v, return_info=return_info, **self._call_kwargs(causal, spec_options))
+
+    def extra_repr(self) -> str:
+        return self._spec_repr()
+
+
+def _one_feature_per_slot(spec: Spec) -> None:
+    """MultiheadTensorAttention projects each token to one head_dim vector per slot and combines
+    values entrywise; refuse specs whose operands carry other shapes, with the alternative."""
+    se, ve = spec.score_einsum, spec.value_einsum
+    for op, feats in zip(se.operands, se.features):
+        if len(feats) != 1:
+            raise SpecError(
+                f"MultiheadTensorAttention needs one feature index per score operand (each slot is "
+                f"projected to a head_dim vector), but operand {op!r} of spec {spec.name!r} "
+                f"({spec.score!r}) has {len(feats)}. Fix: use ta.nn.TensorAttention with your own "
+                "projections for this spec"
+            )
+    letters = set(ve.value_letters) | {ve.out_letters}
+    if any(len(x) != 1 for x in ve.value_letters) or len(ve.out_letters) != 1 or len(letters) != 1:
+        raise SpecError(
+            f"MultiheadTensorAttention needs a value einsum whose operands and output carry the same "
+            f"single value index (like 'je,ke->ie'), but spec {spec.name!r} has {spec.value!r}. Fix: "
+            "use ta.nn.TensorAttention with your own projections for this spec"
+        )
+
+
+class MultiheadTensorAttention(_SpecModule):
+    """Multi-head generalized attention, a drop-in for ``torch.nn.MultiheadAttention``.
+
+    Args:
+        embed_dim: model width E (the query input size and the output size).
+        num_heads: number of heads H; ``embed_dim`` must be divisible by it (head_dim = E / H).
+        spec: a registered spec name or a ``ta.Spec`` whose score operands each have one feature
+            index ("pairwise", "triple", "rope", "relative", order-k specs such as "id,jd,kd,ld->ijkl").
+        bias: add biases to the input and output projections.
+        batch_first: inputs and output are (batch, seq, feature) when True (the default here; torch's
+            default is False), else (seq, batch, feature).
+        kdim, vdim: sizes of the key / value inputs (default ``embed_dim``).
+        dropout: must be 0.0. Attention-weight dropout needs the weight tensor, which is never built.
+        backend, tol, causal, scale, on_unbounded, **spec_options: as in ``ta.attention``.
+        qk_norm: if a number rho, the projected query and every projected key are L2-normalized per
+            head and multiplied by rho. Then beta <= scale * rho^order, so the polynomial backend's
+            degree (and cost) stays fixed during training instead of growing with the weights.
+
+    An order-k spec gets one key and one value projection per key slot (k - 1 of each); the slots'
+    values are multiplied entrywise, as the spec's value einsum says.
+
+    ``forward(query, key=None, value=None, key_padding_mask=None, need_weights=False,
+    attn_mask=None, average_attn_weights=True, is_causal=None, *, return_info=False,
+    **spec_options)`` returns ``(output, None)``, or ``(output, info)`` with ``return_info=True``.
+
+    >>> import torch, tensorattn as ta
+    >>> mha = ta.nn.MultiheadTensorAttention(32, 4, spec="triple", backend="exact")
+    >>> x = torch.randn(2, 10, 32)
+    >>> out, _ = mha(x, x, x)
+    >>> out.shape
+    torch.Size([2, 10, 32])
+    """
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        spec: str | Spec = "pairwise",
+        *,
+        bias: bool = True,
+        batch_first: bool = True,
+        kdim: int | None = None,
+        vdim: int | None = None,
+        dropout: float = 0.0,
+        backend: str = "auto",
+        tol: float = 1e-3,
+        causal: bool = False,
+        scale: float | None = None,
+        on_unbounded: str = "raise",
+        qk_norm: float | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        **spec_options: Any,
+    ) -> None:
+        super().__init__()
+        for name, val in (("embed_dim", embed_dim), ("num_heads", num_heads)):
+            if not isinstance(val, int) or isinstance(val, bool) or val <= 0:
+                raise InputError(f"{name}={val!r} must be a positive int")
+        if embed_dim % num_heads:
+            raise InputError(
+                f"embed_dim={embed_dim} is not divisible by num_heads={num_heads}; each head gets "
+                f"embed_dim // num_heads features. Fix: e.g. num_heads={math.gcd(embed_dim, num_heads)}"
+            )
+        if dropout != 0.0:
+            raise InputError(
+                f"dropout={dropout!r}: attention-weight dropout needs the attention weights, which "
+                "tensorattn never materializes (n^k entries for order k). Fix: dropout=0.0 and apply "
+                "nn.Dropout to the output instead"
+            )
+        if qk_norm is not None and not (isinstance(qk_norm, (int, float)) and 0 < qk_norm < math.inf):
+            raise InputError(f"qk_norm={qk_norm!r} must be a positive number (the query/key radius) or None")
+        self._setup(spec, backend, tol, causal, scale, on_unbounded, spec_options)
+        _one_feature_per_slot(self.spec)
+        self.embed_dim = embed_dim
+        self.num_heads = num_heads
+        self.head_dim = embed_dim // num_heads
+        if self.spec.positional == "rope" and self.head_dim % 2:
+            raise InputError(
+                f"spec 'rope' rotates pairs of coordinates, but head_dim = {embed_dim} // {num_heads} = "
+                f"{self.head_dim} is odd. Fix: choose embed_dim / num_heads even"
+            )
+        self.kdim = embed_dim if kdim is None else kdim
+        self.vdim = embed_dim if vdim is None else vdim
+        self.batch_first = batch_first
+        self.qk_norm = None if qk_norm is None else float(qk_norm)
+        self.dropout = 0.0
+        slots = self.num_slots = self.spec.order - 1  # key (and value) slots; read in forward
+        factory = {"device": device, "dtype": dtype}
+        self.q_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
+        self.k_proj = nn.ModuleList(nn.Linear(self.kdim, embed_dim, bias=bias, **factory) for _ in range(slots))
+        self.v_proj = nn.ModuleList(nn.Linear(self.vdim, embed_dim, bias=bias, **factory) for _ in range(slots))
+        self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
+        self._reset_parameters()
+
+    def _reset_parameters(self) -> None:
+        # as torch.nn.MultiheadAttention: xavier-uniform input projections, zero biases
+        for lin in [self.q_proj, *self.k_proj, *self.v_proj]:
+            nn.init.xavier_uniform_(lin.weight)
+            if lin.bias is not None:
+                nn.init.zeros_(lin.bias)
+        if self.out_proj.bias is not None:
+            nn.init.zeros_(self.out_proj.bias)
+
+    def _slots(self, x, name: str, default) -> list[torch.Tensor]:
+        slots = self.num_slots
+        if x is None:
+            x = default
+        if isinstance(x, (list, tuple)):
+            if len(x) != slots:
+                raise InputError(
+                    f"{name} is a sequence of {len(x)} tensors but spec {self.spec.name!r} has {slots} "
+                    f"key slot(s); pass one tensor (shared by every slot) or {slots}"
+                )
+            return list(x)
+        return [x] * slots
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, L, E) -> (N, H, L, head_dim)."""
+        N, L = x.shape[:2]
+        return x.reshape(N, L, self.num_heads, self.head_dim).transpose(1, 2)
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor | Sequence[torch.Tensor] | None = None,
+        value: torch.Tensor | Sequence[torch.Tensor] | None = None,
+        key_padding_mask: torch.Tensor | None = None,
+        need_weights: bool = False,
+        attn_mask: torch.Tensor | None = None,
+        average_attn_weights: bool = True,
+        is_causal: bool | None = None,
+        *,
+        return_info: bool = False,
+        **spec_options: Any,
+    ) -> tuple[torch.Tensor, AttentionInfo | None]:
+        """Attend; ``key``/``value`` default to ``query``/``key`` and may be one tensor per slot."""
+        if key_padding_mask is not None or attn_mask is not None:
+            raise InputError(
+                "key_padding_mask / attn_mask are not supported: tensorattn never builds the score "
+                "tensor a mask would apply to. Only causal masking is built in (causal=True or "
+                "is_causal=True); drop padded keys or use torch.nn.MultiheadAttention"
+            )
+        if need_weights:
+            raise InputError(
+                "need_weights=True: the attention weights (n^k entries for order k) are never "
+                "materialized. Pass need_weights=False; return_info=True gives the plan and bounds"
+            )
+        keys = self._slots(key, "key", query)
+        values = self._slots(value, "value", query if key is None else key)
+        unbatched = query.dim() == 2
+        tensors = [query, *keys, *values]
+        if unbatched:
+            tensors = [t.unsqueeze(0) for t in tensors]
+        elif not self.batch_first:
+            tensors = [t.transpose(0, 1) for t in tensors]
+        for t, name in zip(tensors, ["query", *["key"] * len(keys), *["value"] * len(values)]):
+            if t.dim() != 3:
+                layout = "batch, seq" if self.batch_first else "seq, batch"
+                raise InputError(
+                    f"{name} has shape {tuple(t.shape)}; expected 3 dims ({layout}, features) or 2 "
+                    "dims (seq, features) for an unbatched input"
+                )
+        slots = len(keys)
+        q_in, k_in, v_in = tensors[0], tensors[1: 1 + slots], tensors[1 + slots:]
+        q = self._heads(self.q_proj(q_in))
+        ks = [self._heads(proj(x)) for proj, x in zip(self.k_proj, k_in)]
+        vs = [self._heads(proj(x)) for proj, x in zip(self.v_proj, v_in)]
+        if self.qk_norm is not None:
+            q = F.normalize(q, dim=-1) * self.qk_norm
+            ks = [F.normalize(x, dim=-1) * self.qk_norm for x in ks]
+        call = self._call_kwargs(is_causal, spec_options)
+        k_arg, v_arg = (ks[0], vs[0]) if slots == 1 else (ks, vs)
+        res = _attention_eager(q, k_arg, v_arg, return_info=return_info, **call)
+        out, info = res if return_info else (res, None)
+        N, L = q_in.shape[:2]
+        out = self.out_proj(out.transpose(1, 2).reshape(N, L, self.embed_dim))
+        if unbatched:
+            out = out.squeeze(0)
+        elif not self.batch_first:
+            out = out.transpose(0, 1)
+        return out, info
+
+    def extra_repr(self) -> str:
+        dims = f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, head_dim={self.head_dim}"
+        if self.kdim != self.embed_dim or self.vdim != self.embed_dim:
+            dims += f", kdim={self.kdim}, vdim={self.vdim}"
+        norm = "" if self.qk_norm is None else f", qk_norm={self.qk_norm:g}"
+        return f"{dims}, {self._spec_repr()}, batch_first={self.batch_first}{norm}"
