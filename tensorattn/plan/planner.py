@@ -101,6 +101,9 @@ class Plan:
 
     @property
     def grad_error_bound(self) -> float | None:
+        """Certified bound on max_i sum_tau |dL~/ds_i,tau - dL/ds_i,tau|, the error of the gradient
+        w.r.t. the *scores*, per unit of max_i ||dO_i||_1 (docs/torch.md, G3). Data-free; the
+        bounds for the gradients w.r.t. q, k, v are ``AttentionInfo.grad`` / ``ta.grad_error_bound``."""
         if self.backend == "exact":
             return 0.0
         if self.backend == "poly" and self.certificate is not None:
