@@ -71,8 +71,11 @@ def main() -> None:
     parser.add_argument("--exact-rows", type=int, default=512)
     parser.add_argument("--rope-n", type=int, default=65536)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--json", action="store_true", help="print the raw results as JSON")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     relative_case(256, 16, 1)  # warm up imports and caches
     results = [relative_case(n, args.exact_rows, args.repeats) for n in args.sizes]
     rope = rope_case(args.rope_n, args.repeats)

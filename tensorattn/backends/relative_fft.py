@@ -119,21 +119,19 @@ class KernelSpectra:
         self.weights = weights[torch.as_tensor(dt.weight_index, device=Wp.device)]
 
     def __call__(self, kernels: np.ndarray) -> torch.Tensor:
-        """(len(kernels), N//2 + 1) complex spectra."""
+        """Spectra of the given kernels, frequency-major: (N//2 + 1, len(kernels)) complex."""
         lengths = self.ptr[kernels + 1] - self.ptr[kernels]
         offsets = np.cumsum(lengths) - lengths
         mu = np.repeat(self.ptr[kernels] - offsets, lengths) + np.arange(int(lengths.sum()))
         mu_t = torch.as_tensor(mu, device=self.Wp.device)
-        L = self.Wp.shape[0]
-        T = self.Wp.new_ones(L, mu.size)
+        T = self.weights[mu_t, None].expand(mu.size, self.Wp.shape[1])  # terms x offsets
         for s in range(self.dt.t):  # loop over the t factors of every term at once
-            T = T * self.Wp.index_select(1, self.pair_index[mu_t, s])
-        T = T * self.weights[mu_t]
+            T = T * self.Wp.index_select(0, self.pair_index[mu_t, s])
         owner = torch.as_tensor(np.repeat(np.arange(kernels.size), lengths), device=T.device)
-        H = T.new_zeros(L, kernels.size).index_add_(1, owner, T)
+        H = T.new_zeros(kernels.size, T.shape[1]).index_add_(0, owner, T)
         if self.factor is not None:
-            H = H * self.factor[:, None]
-        return torch.fft.rfft(H.T, n=self.N, dim=-1)
+            H = H * self.factor
+        return torch.fft.rfft(H, n=self.N, dim=-1).T
 
 
 def relative_attention(plan, ops: Operands) -> torch.Tensor:
@@ -151,7 +149,7 @@ def relative_attention(plan, ops: Operands) -> torch.Tensor:
     W = ops.rel.to(_F64)[ops.q_offset: ops.q_offset + L]  # kk = i - j + m - 1 reads W[q_offset + kk]
     pa = torch.as_tensor([p[0] for p in pairs], dtype=torch.long, device=q.device)
     pb = torch.as_tensor([p[1] for p in pairs], dtype=torch.long, device=q.device)
-    Wp = W[:, pa, pb]  # (L, |S|): the support's entries per offset
+    Wp = W[:, pa, pb].T.contiguous()  # (|S|, L): the support's entries per offset
     coeffs = get_approximant(plan.approximant).coefficients(float(plan.beta), g)
     weights = torch.as_tensor(query_weights(coeffs, ops.scale, len(pairs), g), dtype=_F64, device=q.device)
     factor = toeplitz_factor(ops, L, float(rel.alibi_slope), _F64)
@@ -172,9 +170,9 @@ def relative_attention(plan, ops: Operands) -> torch.Tensor:
         groups = degree_tiles(d, pairs, g, dt.t, max_rows)
         for z0 in range(0, Z, z_chunk):
             z1 = min(Z, z0 + z_chunk)
-            u = (yk[z0:z1, :, block, None] * v1[z0:z1, :, None, :]).permute(0, 2, 3, 1)
-            u_hat = torch.fft.rfft(u, n=N, dim=-1)  # (z, n_beta, c, F)
-            acc = u_hat.new_zeros(z1 - z0, dt.n_alpha, c, F)
+            u = yk[z0:z1, :, block, None] * v1[z0:z1, :, None, :]  # (z, m, n_beta, c)
+            u_hat = torch.fft.rfft(u, n=N, dim=1).contiguous()  # frequency-major (z, F, n_beta, c)
+            acc = u_hat.new_zeros(z1 - z0, F, dt.n_alpha, c)
             for grp in groups:
                 P, ra, rb = grp.kernel_map.shape
                 per_tile = F * (ra * rb + (z1 - z0) * (ra + rb) * c) * 2 + L * ra * rb
@@ -184,15 +182,13 @@ def relative_attention(plan, ops: Operands) -> torch.Tensor:
                     used, local = np.unique(kmap, return_inverse=True)
                     real = used[used < dt.kernels]
                     H = spectra(real)
-                    H = torch.cat([H, H.new_zeros(used.size - real.size, F)])  # the zero kernel, if any
-                    Ht = H[torch.as_tensor(local.reshape(kmap.shape), device=H.device)]  # (p, ra, rb, F)
-                    cols = torch.as_tensor(grp.cols[p0: p0 + step], device=H.device)
-                    Ut = u_hat[:, cols]  # (z, p, rb, c, F)
-                    R = Ht.permute(3, 0, 1, 2).unsqueeze(0) @ Ut.permute(0, 4, 1, 2, 3)  # (z, F, p, ra, c)
+                    H = torch.cat([H, H.new_zeros(F, used.size - real.size)], dim=1)  # the zero kernel, if any
+                    Ht = H[:, torch.as_tensor(local.reshape(kmap.shape), device=H.device)]  # (F, p, ra, rb)
+                    Ut = u_hat[:, :, torch.as_tensor(grp.cols[p0: p0 + step], device=H.device)]  # (z, F, p, rb, c)
                     rows = torch.as_tensor(grp.rows[p0: p0 + step].reshape(-1), device=H.device)
-                    acc[:, rows] = R.permute(0, 2, 3, 4, 1).reshape(z1 - z0, -1, c, F)
-            conv = torch.fft.irfft(acc, n=N, dim=-1)[..., m - 1: m - 1 + n]  # (z, n_alpha, c, n)
-            out[z0:z1] = out[z0:z1] + torch.einsum("zna,zacn->znc", xq[z0:z1, :, block], conv)
+                    acc[:, :, rows] = (Ht @ Ut).reshape(z1 - z0, F, -1, c)  # per frequency: H^(f) u^(f)
+            conv = torch.fft.irfft(acc, n=N, dim=1)[:, m - 1: m - 1 + n]  # (z, n, n_alpha, c)
+            out[z0:z1] = out[z0:z1] + (xq[z0:z1, :, block, None] * conv).sum(2)
     res = out[..., :-1] / out[..., -1:]
     return res.reshape(Z, n, *ops.out_value_shape).to(ops.dtype)
 
