@@ -12,7 +12,8 @@ matrix product H^(f) u^(f) over beta. The kernels split into dense blocks (conne
 the alpha-beta graph: one per degree for a dense W, many small ones for block-diagonal rotations);
 blocks of one shape are batched into one matmul. Kernels are transformed once and shared over the
 batch; the causal mask and ALiBi are exact factors of every kernel. Everything runs in float64
-(the FFT error is normwise; see ``fft_roundoff``). Cost O(terms n log n + kernels e n).
+(the FFT error is normwise; see ``fft_roundoff``). With N >= n + m - 1 the FFT length, the cost is
+O((kernels + C(d+g, g) e) N log N + kernels e N): near-linear in n.
 """
 
 from __future__ import annotations
@@ -135,7 +136,7 @@ class KernelSpectra:
 
 
 def relative_attention(plan, ops: Operands) -> torch.Tensor:
-    """Certified relative-position attention (spec ``relative``) in O(terms n log n)."""
+    """Certified relative-position attention (spec ``relative``) in O(n log n) per kernel."""
     rel = plan.relative
     g = plan.certificate.degree
     d, pairs = rel.support.d, rel.support.pairs
