@@ -76,6 +76,8 @@ def test_micro_experiments(micro):
             assert p["max_error"] <= p["error_bound"] * (1 + 1e-9)
     weights = [p["mean_weight"] for p in exps["needle"]["sizes"][0]["points"]]
     assert weights[-1] > weights[0] and all(0 <= w <= 1 for w in weights)
+    assert {r["backend"] for r in exps["grad"]["rows"]} == {"poly", "exact", "sdpa", "favor", "taylor2"}
+    assert all(math.isfinite(r["max_grad_error"]) for r in exps["grad"]["rows"])
     assert 0 <= exps["gemm"]["gemm_s"] and exps["harness"]["per_call_s"] >= 0
 
 

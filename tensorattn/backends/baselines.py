@@ -230,10 +230,11 @@ class Taylor2Backend(Baseline):
         w = torch.as_tensor(query_weights(TAYLOR2_COEFFS, ops.scale, ops.D, 2), dtype=dtype, device=ops.q.device)
         engine = FactorizedAttention.from_ops(
             ops,
-            query_features=lambda x: feature_map(x, 2) * w,
+            query_features=lambda x: feature_map(x, 2),
             key_features=lambda x: feature_map(x, 2),
             rank=rank_for(ops.D, 2),
             dtype=dtype,
+            query_weights=w,  # folded into the combined statistics, as poly does
         )
         return engine.run()
 

@@ -72,34 +72,42 @@ def run_bench(suite: str | Suite = "default", out: str | os.PathLike = "bench-re
     date = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     env = environment()
     bar = _progress_bar(progress)
-    rows = run_sweep(s, bar) if "sweep" in s.parts else []
+    seconds: dict[str, float] = {}
+
+    def part(name, fn):
+        t0 = time.perf_counter()
+        result = fn()
+        seconds[name] = time.perf_counter() - t0
+        return result
+
+    rows = part("sweep", lambda: run_sweep(s, bar)) if "sweep" in s.parts else []
     exps: dict[str, Any] = {}
-    if "rank" in s.parts:
-        exps["rank"] = experiments.rank_experiment(s, bar)
-    if "phase" in s.parts:
-        exps["phase"] = experiments.phase_plans(s)
-    if "fixed" in s.parts:
-        exps["fixed"] = experiments.fixed_degree_experiment(s, bar)
-    if "needle" in s.parts:
-        exps["needle"] = experiments.needle_experiment(s, bar)
-    if "gemm" in s.parts:
-        exps["gemm"] = experiments.gemm_share(s)
-    if "rss" in s.parts:
-        exps["rss"] = experiments.exact_peak_rss(s)
+    jobs = {
+        "rank": lambda: experiments.rank_experiment(s, bar),
+        "phase": lambda: experiments.phase_plans(s),
+        "fixed": lambda: experiments.fixed_degree_experiment(s, bar),
+        "needle": lambda: experiments.needle_experiment(s, bar),
+        "grad": lambda: experiments.grad_experiment(s, bar),
+        "gemm": lambda: experiments.gemm_share(s),
+        "rss": lambda: experiments.exact_peak_rss(s),
+    }
+    for name, job in jobs.items():
+        if name in s.parts:
+            exps[name] = part(name, job)
     timed = [r["median_s"] for r in rows if r["status"] == "ok" and not r["estimated"]]
     if timed:
         per_call = harness_overhead()
         exps["harness"] = dict(per_call_s=per_call, smallest_median_s=min(timed), share=per_call / min(timed))
     figures: dict[str, str] = {}
     if plots_enabled:
-        figures = _plots(rows, exps, out)
+        figures = part("plots", lambda: _plots(rows, exps, out))
     env["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     results = dict(
         command=command or f"run_bench({s.name!r})", date=date, wall_s=time.perf_counter() - start,
         suite=dict(name=s.name, parts=list(s.parts), warmup=s.warmup, repeats=s.repeats,
                    min_repeats=s.min_repeats, max_case_seconds=s.max_case_seconds,
                    quadratic_work_cap=s.quadratic_work_cap, error_work_cap=s.error_work_cap),
-        environment=env, method=_method(s), rows=rows, experiments=exps,
+        part_seconds=seconds, environment=env, method=_method(s), rows=rows, experiments=exps,
         targets=targets(rows, exps, s) if "targets" in s.parts else [], figures=figures,
     )
     write_json(results, out / "results.json")

@@ -5,6 +5,7 @@ attention in a fresh process."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -194,6 +195,50 @@ def gemm_share(suite: Suite, d: int = 8, tol: float = 1e-3) -> dict:
     return dict(n=n, d=d, degree=info.degree, rank=info.rank, wall_s=wall, unprofiled_s=plain, gemm_s=gemm,
                 profiled_ops_s=total, share=gemm / wall if wall > 0 else None,
                 top_ops=[dict(op=name, seconds=t) for name, t in top])
+
+
+def _training_step(leaves: list[torch.Tensor], dout: torch.Tensor, **kwargs):
+    """One forward + backward through ta.attention; returns the call's AttentionInfo."""
+    for x in leaves:
+        x.grad = None
+    out, info = api.attention(*leaves, return_info=True, **kwargs)
+    out.backward(dout.to(out.dtype))
+    return info
+
+
+def grad_experiment(suite: Suite, progress=None, d: int = 8, tol: float = 1e-3) -> dict:
+    """A training step (forward + backward) per backend, pairwise, entries in [-1, 1], scale 1/d:
+    median time, and the max gradient error over q, k, v against the float64 exact gradient. The
+    upstream gradient has rows of unit l1 norm, the normalization of ``info.grad_error_bound``."""
+    from .measure import measure
+
+    rows = []
+    jobs = [(n, b) for n in suite.grad_ns for b in ("poly", "exact", "sdpa", "favor", "taylor2")]
+    it = progress(jobs, desc="forward + backward", unit="case") if progress else jobs
+    ref = None
+    poly_rank: dict[int, int] = {}
+    for n, backend in it:
+        q, k, v = _as_args(*random_inputs("pairwise", n, d, seed=4, dtype=np.float32), 2)
+        dout = torch.rand(n, d, generator=torch.Generator().manual_seed(n), dtype=torch.float64)
+        dout = dout / dout.sum(-1, keepdim=True)
+        if ref is None or ref[0] != n:
+            leaves = [x.double().requires_grad_(True) for x in (q, k, v)]
+            api.attention(*leaves, backend="exact", scale=1 / d).backward(dout)
+            ref = (n, [x.grad for x in leaves])
+        leaves = [x.clone().requires_grad_(True) for x in (q, k, v)]
+        # favor runs at the rank poly chose for the same step (poly runs first for each n)
+        extra = {"features": poly_rank.get(n, rank_for(d, 4))} if backend == "favor" else {}
+        step = functools.partial(_training_step, leaves, dout, backend=backend, scale=1 / d, tol=tol, **extra)
+        timing, info = measure(step, warmup=suite.warmup, repeats=suite.repeats, min_repeats=suite.min_repeats,
+                               max_seconds=suite.max_case_seconds)
+        err = max(_max_err(x.grad, r) for x, r in zip(leaves, ref[1]))
+        degree, rank = {"poly": (info.degree, info.rank), "favor": (None, extra.get("features")),
+                        "taylor2": (2, rank_for(d, 2))}.get(backend, (None, None))
+        if backend == "poly" and rank:
+            poly_rank[n] = rank
+        rows.append(dict(n=n, backend=backend, median_s=timing.median, repeats=timing.repeats, max_grad_error=err,
+                         grad_error_bound=getattr(info, "grad_error_bound", None), degree=degree, rank=rank))
+    return dict(d=d, tol=tol, rows=rows)
 
 
 _RSS_SCRIPT = r"""

@@ -143,15 +143,16 @@ def phase_transition(plans: dict, path: Path) -> str:
                      label="rank needed")
         ax_rank.set_yscale("log")
         ax_rank.set_ylabel("rank C(d+g, g)", color="C3")
-        for ax in (ax_deg, ax_flops):
-            for i, size in enumerate(entry["sizes"]):
-                ax.axvline(size["tau"], color=f"C{i + 4}", ls="--", lw=1)
         for i, size in enumerate(entry["sizes"]):
-            ax_deg.text(size["tau"], 0.98, f" τ_{k}(2^{int(round(math.log2(size['n'])))})",
-                        transform=ax_deg.get_xaxis_transform(), fontsize=7, va="top", color=f"C{i + 4}")
+            label = f"n = 2^{int(round(math.log2(size['n'])))}"
+            for ax in (ax_deg, ax_flops):
+                ax.axvline(size["tau"], color=f"C{i + 4}", ls="--", lw=1,
+                           label=f"τ_{k}({label[4:]}) = {size['tau']:.2f}" if ax is ax_deg else None)
             ratio = [p["flops_exact"] / p["flops_poly"] if p["flops_poly"] else np.nan for p in size["points"]]
-            ax_flops.plot([p["B"] for p in size["points"]], ratio, "-", color=f"C{i + 4}",
-                          label=f"n = 2^{int(round(math.log2(size['n'])))}")
+            ax_flops.plot([p["B"] for p in size["points"]], ratio, "-", color=f"C{i + 4}", label=label)
+        lines = ax_deg.get_legend_handles_labels()
+        extra = ax_rank.get_legend_handles_labels()
+        ax_deg.legend(lines[0] + extra[0], lines[1] + extra[1], fontsize=7, loc="upper left")
         ax_flops.axhline(1.0, color="black", lw=0.8)
         ax_flops.set_yscale("log")
         ax_deg.set_xlabel("entry bound B (entries in [-B, B], scale 1/d)")
@@ -159,8 +160,7 @@ def phase_transition(plans: dict, path: Path) -> str:
         ax_deg.set_title(f"order k = {k} ({entry['spec']}, d = {entry['d']}): degree and rank needed")
         ax_flops.set_xlabel("entry bound B")
         ax_flops.set_ylabel("predicted flops exact / poly")
-        ax_flops.set_title(f"order k = {k}: predicted speedup; dashed: τ_{k}(n) = (ln n)^(1/{k})")
-        ax_flops.legend(fontsize=8)
+        ax_flops.set_title(f"order k = {k}: predicted speedup, τ_{k}(n) = (ln n)^(1/{k}) dashed")
         ax_deg.grid(True, alpha=0.3)
     _save(fig, axes[:, 1], path)
     return ("The phase transition from `ta.plan` (no data): left, the Chebyshev degree (blue) and rank (red, "
@@ -190,7 +190,9 @@ def fixed_degree(exp: dict, path: Path) -> str:
     _save(fig, [ax], path)
     return ("Measured error of poly at a fixed degree (the degree certified for tol = 1e-3 at B = τ_k(n)/2), "
             "float64 features, as the entry bound B crosses τ_k(n) (vertical line) for k = 2 and k = 3. "
-            "Dashed: the certified bound at that degree. The horizontal line is tol = 1e-3.")
+            "Dashed: the certified bound at that degree (it stops where the certificate no longer holds). The "
+            "horizontal line is tol = 1e-3. Past the threshold a fixed rank cannot follow e^s: the polynomial "
+            "leaves its interval and the error grows to O(1) or worse.")
 
 
 def needle(exp: dict, path: Path) -> str:
@@ -208,8 +210,23 @@ def needle(exp: dict, path: Path) -> str:
     ax.set_ylabel("softmax weight on the planted key")
     ax.set_title("needle: queries are copies of planted ±B keys, d = 2 log2 n")
     _save(fig, [ax], path)
+    halves = []
+    for size in exp["sizes"]:
+        x = _half_point([p["x"] for p in size["points"]], [p["mean_weight"] for p in size["points"]])
+        if x is not None:
+            halves.append(f"{x:.2f} at n = {size['n']:,}")
+    where = ("; the mean weight reaches 1/2 at B²/ln n ≈ " + ", ".join(halves)) if halves else ""
     return ("The needle experiment: random ±B keys in d = 2·log2 n dimensions, each query a copy of one "
             "planted key, scale 1/d, so the planted score is B². Solid: mean softmax weight on the planted "
             "key over the queries (band: min to max); dotted: the annealed prediction "
-            "1/(1 + (n-1)·cosh(B²/d)^d·e^(-B²)). The weight jumps from ≈0 to ≈1 around B² ≈ ln n "
-            "(dashed line): past the threshold attention becomes nearest-neighbour search.")
+            "1/(1 + (n-1)·cosh(B²/d)^d·e^(-B²)). The weight jumps from ≈0 to ≈1 around B² ≈ ln n (dashed "
+            f"line){where}, and the jump sharpens as n grows: past the threshold attention becomes "
+            "nearest-neighbour search.")
+
+
+def _half_point(xs, ys) -> float | None:
+    """First x where ys crosses 1/2 (linear interpolation)."""
+    for (x0, y0), (x1, y1) in zip(zip(xs, ys), zip(xs[1:], ys[1:])):
+        if y0 < 0.5 <= y1:
+            return x0 + (0.5 - y0) * (x1 - x0) / (y1 - y0)
+    return None

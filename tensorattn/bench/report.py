@@ -269,7 +269,8 @@ def markdown(results: dict, image_prefix: str = "") -> str:
     lines = [
         f"# tensorattn benchmark report ({suite['name']} suite)\n",
         f"Command: `{results['command']}`  ",
-        f"Date: {results['date']}; total wall time {results['wall_s']:.0f} s.\n",
+        f"Date: {results['date']}; total wall time {results['wall_s']:.0f} s "
+        f"({', '.join(f'{k} {v:.0f} s' for k, v in results.get('part_seconds', {}).items())}).\n",
         "## Environment\n",
         "| | |", "|---|---|",
     ]
@@ -288,6 +289,20 @@ def markdown(results: dict, image_prefix: str = "") -> str:
         lines.append("## Figures\n")
         for name, caption in figs.items():
             lines += [f"![{name}]({image_prefix}{name})\n", f"*{caption}*\n"]
+    grad = results["experiments"].get("grad")
+    if grad:
+        lines += ["## Training step (forward + backward)\n",
+                  f"Pairwise, d = {grad['d']}, entries in [-1, 1], scale 1/d, tol = {grad['tol']:g}; the upstream "
+                  "gradient has rows of unit l1 norm. Error: max over q, k, v of the gradient's max abs "
+                  "difference from the float64 exact gradient.\n",
+                  "| n | backend | median time | max gradient error | certified bound | degree / rank |",
+                  "|---:|---|---:|---:|---:|---:|"]
+        for r in grad["rows"]:
+            bound = "" if r["grad_error_bound"] is None or r["backend"] != "poly" else f"{r['grad_error_bound']:.1e}"
+            dr = "" if r["rank"] is None else f"{r['degree'] if r['degree'] is not None else ''} / {r['rank']:,}"
+            lines.append(f"| {r['n']:,} | {r['backend']} | {_t(r['median_s'])} | {r['max_grad_error']:.1e} | {bound} "
+                         f"| {dr} |")
+        lines.append("")
     gemm = results["experiments"].get("gemm")
     if gemm:
         ops = ", ".join(f"{o['op']} {o['seconds'] * 1e3:.0f} ms" for o in gemm["top_ops"][:6])

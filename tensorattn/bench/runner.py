@@ -10,6 +10,7 @@ is marked ``estimated``.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -219,7 +220,9 @@ def run_sweep(suite: Suite, progress=None) -> list[dict]:
             inp = None  # one input set resident at a time
             inp = make_inputs(case)
         vkey = (case.spec, case.backend, case.causal)
+        t0 = time.perf_counter()
         row = run_case(case, inp, suite, validate=suite.validate_estimates and vkey not in validated)
+        row["case_wall_s"] = time.perf_counter() - t0  # warm-ups, repeats and the reference included
         if row["measured_full_s"] is not None:
             validated.add(vkey)
         rows.append(row)

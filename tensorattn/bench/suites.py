@@ -16,7 +16,7 @@ from ..errors import InputError
 SWEEP_BACKENDS = ("poly", "exact", "sdpa", "favor", "taylor2")
 #: backends whose cost grows with n * m^(k-1); only these are estimated from a fraction of rows
 QUADRATIC_BACKENDS = ("exact", "sdpa")
-PARTS = ("sweep", "targets", "rank", "phase", "fixed", "needle", "gemm", "rss")
+PARTS = ("sweep", "targets", "rank", "phase", "fixed", "needle", "grad", "gemm", "rss")
 
 
 @dataclass(frozen=True)
@@ -66,6 +66,8 @@ class Suite:
     needle_ns: tuple[int, ...] = (256, 1024, 4096)
     needle_queries: int = 256
     needle_points: int = 40
+    # forward + backward (training step) sizes, pairwise
+    grad_ns: tuple[int, ...] = (1024, 4096)
     # DESIGN 7 headline sizes
     target_n: int = 65536
     triple_target_n: int = 1024
@@ -108,7 +110,7 @@ def full_suite() -> Suite:
         quadratic_work_cap=2.0**30, error_work_cap=2.0**26, validate_estimates=True,
         rank_n=4096, rank_degrees=(1, 2, 3, 4, 5, 6, 7), favor_seeds=(0, 1, 2, 3, 4),
         plan_points=60, fixed_sizes=((2, 4096, 8), (3, 512, 8)), needle_ns=(256, 1024, 4096, 16384),
-        needle_queries=512, rss_rows=None,
+        needle_queries=512, grad_ns=(1024, 4096, 16384), rss_rows=None,
     )
 
 
@@ -116,11 +118,11 @@ def micro_suite() -> Suite:
     """Seconds, not minutes: for tests and the docs example."""
     cases = _grid("pairwise", (64, 128)) + _grid("triple", (32,), ("poly", "exact", "favor"))
     return Suite(
-        "micro", tuple(cases), parts=("sweep", "targets", "rank", "phase", "fixed", "needle", "gemm"),
+        "micro", tuple(cases), parts=tuple(p for p in PARTS if p != "rss"),
         warmup=0, repeats=1, min_repeats=1, max_case_seconds=0.5, quadratic_work_cap=2.0**12,
         error_work_cap=2.0**14, rank_n=128, rank_degrees=(1, 2, 3), favor_seeds=(0,), plan_ns=(2**10,),
         plan_points=6, fixed_sizes=((2, 64, 4), (3, 24, 4)), fixed_ratios=(0.5, 1.0, 1.5),
-        needle_ns=(64,), needle_queries=16, needle_points=6, target_n=128, triple_target_n=32,
+        needle_ns=(64,), needle_queries=16, needle_points=6, grad_ns=(64,), target_n=128, triple_target_n=32,
         gemm_n=256, rss_rows=64,
     )
 
