@@ -75,15 +75,18 @@ def time_vs_n(rows: list[dict], path: Path) -> str | None:
             for n, t, est in pts:
                 ax.plot([n], [t], MARKERS[backend], color=COLORS[backend],
                         markerfacecolor="none" if est else COLORS[backend])
-        poly, other = dict((p[0], p[1]) for p in _series(rows, spec, "poly")), dict(
-            (p[0], p[1]) for p in _series(rows, spec, rival))
-        common = sorted(set(poly) & set(other))
-        x = crossover(common, [poly[n] for n in common], [other[n] for n in common])
-        if x is not None:
-            ax.axvline(x, color="gray", ls="--", lw=1)
-            ax.annotate(f"poly < {rival}\nfrom n ≈ {x:,.0f}", (x, ax.get_ylim()[0]), xytext=(4, 10),
-                        textcoords="offset points", fontsize=8, color="gray")
-            notes.append(f"{spec}: poly beats {rival} from n ≈ {x:,.0f}")
+        poly = dict((p[0], p[1]) for p in _series(rows, spec, "poly"))
+        for j, rival in enumerate(("sdpa", "exact") if spec == "pairwise" else ("exact",)):
+            other = dict((p[0], p[1]) for p in _series(rows, spec, rival))
+            common = sorted(set(poly) & set(other))
+            x = crossover(common, [poly[n] for n in common], [other[n] for n in common])
+            if x is None:
+                continue
+            text = f"from n ≈ {x:,.0f}" if x > common[0] else f"at every measured n ≥ {common[0]:,}"
+            ax.axvline(x, color=COLORS[rival], ls="--", lw=1)
+            ax.annotate(f"poly < {rival}\n{text}", (x, 0.02 + 0.12 * j), xycoords=("data", "axes fraction"),
+                        xytext=(4, 0), textcoords="offset points", fontsize=8, color=COLORS[rival])
+            notes.append(f"{spec}: poly beats {rival} {text}")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("sequence length n (queries = keys)")
@@ -92,8 +95,8 @@ def time_vs_n(rows: list[dict], path: Path) -> str | None:
     _save(fig, axes[0], path)
     cross = "; ".join(notes) if notes else "no crossover within the measured range"
     return ("Time per call against n, log-log, one line per backend. Hollow markers are estimated from "
-            f"a measured fraction of the query rows (quadratic backends at large n). Dashed line: the "
-            f"crossover ({cross}).")
+            f"a measured fraction of the query rows (quadratic backends at large n). Dashed lines: the "
+            f"crossovers, in the rival's colour ({cross}).")
 
 
 def error_vs_rank(exp: dict, path: Path) -> str:

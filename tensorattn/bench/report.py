@@ -264,6 +264,19 @@ def tables(rows: list[dict]) -> list[str]:
     return lines
 
 
+def _busy_note(results: dict) -> str | None:
+    """A warning when other processes competed for the cores during the run."""
+    env = results["environment"]
+    cores = env.get("cores_available") or 1
+    loads = [r.get("load1") for r in results["rows"] if r.get("load1") is not None]
+    loads += [x[0] for x in (env.get("load_average"), env.get("load_average_end")) if x]
+    if not loads or max(loads) <= cores + 0.5:
+        return None
+    return (f"the 1-minute load average reached {max(loads):.1f} on {cores} cores during this run, so other "
+            "processes competed for the CPU; many small multi-threaded ops (poly at small n, the exact tile "
+            "loop) suffer most. Times are noisy; rerun on an idle machine for publication.")
+
+
 def markdown(results: dict, image_prefix: str = "") -> str:
     env, suite = results["environment"], results["suite"]
     lines = [
@@ -276,6 +289,9 @@ def markdown(results: dict, image_prefix: str = "") -> str:
     ]
     for k, v in env.items():
         lines.append(f"| {k} | {v} |")
+    busy = _busy_note(results)
+    if busy:
+        lines += ["", f"> **Note:** {busy}"]
     lines += ["", "## DESIGN §7 targets and what this run measured\n",
               "All ratios come from this one run (same machine, same process). Entries uniform in "
               "[−1, 1], `scale = 1/d`, `tol = 1e-3`.\n",

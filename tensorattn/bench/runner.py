@@ -10,6 +10,7 @@ is marked ``estimated``.
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -223,6 +224,7 @@ def run_sweep(suite: Suite, progress=None) -> list[dict]:
         t0 = time.perf_counter()
         row = run_case(case, inp, suite, validate=suite.validate_estimates and vkey not in validated)
         row["case_wall_s"] = time.perf_counter() - t0  # warm-ups, repeats and the reference included
+        row["load1"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
         if row["measured_full_s"] is not None:
             validated.add(vkey)
         rows.append(row)
