@@ -52,14 +52,11 @@ class Inputs:
         ks = [k.to(dtype) for k in self.keys]
         vs = [v.to(dtype) for v in self.values]
         opts: dict[str, Any] = {}
-        if self.case.causal and a > 0:
+        if a > 0:  # the rows keep their positions (causal mask, rope angles, W offsets)
             opts["q_offset"] = a
         if self.rel is not None:
-            # W[i - j + m - 1] for queries at positions a..b-1: slicing keeps the same matrices
-            m = self.keys[0].shape[1]
-            opts["rel"] = self.rel[: (a if self.case.causal else 0) + (b - a) + m - 1].to(dtype)
-            if not self.case.causal and a > 0:  # pragma: no cover - reference rows start at 0
-                raise AssertionError("non-causal row fractions start at row 0")
+            # W[i - j + m - 1] for queries at positions a..b-1 needs the first b + m - 1 matrices
+            opts["rel"] = self.rel[: b + self.keys[0].shape[1] - 1].to(dtype)
         if self.order == 2:
             return q, ks[0], vs[0], opts
         return q, tuple(ks), tuple(vs), opts
