@@ -3,6 +3,7 @@ own overhead, and the affine estimate of quadratic backends from a fraction of t
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import gc
 import re
@@ -11,8 +12,23 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+import torch
+
 _STATUS = "/proc/self/status"
 _CLEAR_REFS = "/proc/self/clear_refs"
+
+
+@contextlib.contextmanager
+def single_thread():
+    """Untimed work (references, error experiments) runs on one thread: on a busy machine, many
+    small multi-threaded ops each wait for a descheduled partner thread, which costs far more than
+    the parallelism gains."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from ..backends.baselines import DEFAULT_FAVOR_FEATURES
 from ..errors import BoundError, TensorAttnError
 from ..spec import get_spec
 from ..testing import random_inputs, random_rel
-from .measure import AffineEstimate, PeakMemory, measure, visible_tuples
+from .measure import AffineEstimate, PeakMemory, measure, single_thread, visible_tuples
 from .suites import QUADRATIC_BACKENDS, Case, Suite
 
 
@@ -85,7 +85,7 @@ def reference(inp: Inputs, suite: Suite) -> tuple[tuple[int, int], torch.Tensor]
         rows = _rows_for(float(c.n) ** (inp.order - 1), suite.error_work_cap, c.n, 16)
         span = (c.n - rows, c.n) if c.causal else (0, rows)
         q, k, v, opts = inp.args(span, torch.float64)
-        with torch.no_grad():
+        with torch.no_grad(), single_thread():
             inp.reference = api.attention(q, k, v, spec=c.spec, backend="exact", scale=1.0 / c.d,
                                           causal=c.causal, **opts)
         inp.ref_rows = span

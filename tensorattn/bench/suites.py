@@ -43,9 +43,9 @@ class Suite:
     cases: tuple[Case, ...]
     parts: tuple[str, ...] = PARTS
     warmup: int = 1
-    repeats: int = 3
-    min_repeats: int = 2
-    max_case_seconds: float = 2.0
+    repeats: int = 7
+    min_repeats: int = 3
+    max_case_seconds: float = 1.5
     #: quadratic backends run on all rows while they visit at most this many key tuples
     quadratic_work_cap: float = 2.0**27
     #: the float64 exact reference visits at most this many key tuples (a subset of rows)
