@@ -49,7 +49,7 @@ def _method(suite: Suite) -> list[str]:
         "the number W of visited key tuples (their cost is linear in query rows).",
         f"Peak memory per case: {PeakMemory.method}, over warm-up and timed calls, after returning freed "
         "heap memory to the OS (malloc_trim). The exact peak-RSS target runs in a fresh process "
-        "(ru_maxrss, whole process).",
+        "(its own VmHWM, the whole process: interpreter, torch, inputs and the call).",
         f"Error: max |out − exact| against the exact backend in float64, over a block of query rows "
         f"visiting at most {suite.error_work_cap:.3g} key tuples (`error_rows` in results).",
         "The machine may be shared: the load average at the start and end of the run is recorded above; "
