@@ -73,7 +73,6 @@ def _plan_for(ops: Operands, backend: str, tol: float, on_unbounded: str, *, max
     """The plan for ``ops``; a sequence-parallel caller passes the global ``maxima``, n and ms so
     that every shard plans the whole sequence and picks the same degree."""
     stats = input_stats(ops, maxima)
-    ve = ops.spec.value_einsum
     value_dims = tuple(int(np.prod(v.shape[2:])) for v in ops.values)
     E = int(np.prod(ops.out_value_shape))
     return make_plan(
@@ -83,7 +82,7 @@ def _plan_for(ops: Operands, backend: str, tol: float, on_unbounded: str, *, max
         backend=backend, on_unbounded=on_unbounded, options=ops.options,
         input_dtype="float64" if ops.dtype == torch.float64 else "float32",
         need_grad=ops.requires_grad and backend in ("poly", "auto"),
-    ) if ve is not None else None  # pragma: no branch
+    )
 
 
 def attention(
@@ -165,14 +164,11 @@ def check_bounds(
     spec_obj = get_spec(spec)
     options = resolve_options(spec_obj, spec_options)
     if v is None:
-        ks = k if spec_obj.order > 2 else [k]
-        v = [torch.ones(*torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x).shape[:-len(f)], 1)
-             for x, f in zip(ks, spec_obj.score_einsum.features[1:])]
-        if spec_obj.order == 2:
-            v = v[0]
-        spec_obj_v = spec_obj
-        if spec_obj.value != Spec(spec_obj.name, spec_obj.score).value:
-            spec_obj_v = Spec(spec_obj.name, spec_obj.score, positional=spec_obj.positional, options=spec_obj.options)
-        spec_obj = spec_obj_v
+        # the check needs no values: plan with unit values under the default value einsum
+        spec_obj = Spec(spec_obj.name, spec_obj.score, positional=spec_obj.positional, options=spec_obj.options)
+        keys = list(k) if spec_obj.order > 2 else [k]
+        v = [torch.ones(*tuple(np.shape(x))[: np.ndim(x) - len(f)], 1)
+             for x, f in zip(keys, spec_obj.score_einsum.features[1:])]
+        v = v[0] if spec_obj.order == 2 else v
     ops = prepare(spec_obj, q, k, v, causal=causal, scale=scale, options=options)
     return _plan_for(ops, "auto", tol, "raise")
