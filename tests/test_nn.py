@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import io
 import pickle
 
@@ -221,12 +222,12 @@ def test_state_dict_round_trip():
 
 
 @pytest.mark.parametrize("spec", ["rope", ta.Spec("mine", "id,jd,kd->ijk", options={"extra": 1})])
-def test_pickles_including_custom_spec_objects(spec):
+def test_pickles_and_deepcopies_including_custom_spec_objects(spec):
     mha = ta.nn.MultiheadTensorAttention(8, 2, spec, backend="exact", causal=True)
     x = _x(2, 5, 8)
-    clone = pickle.loads(pickle.dumps(mha))
-    assert clone.spec == mha.spec and repr(clone) == repr(mha)
-    assert torch.equal(clone(x)[0], mha(x)[0])
+    for clone in (pickle.loads(pickle.dumps(mha)), copy.deepcopy(mha)):
+        assert clone.spec == mha.spec and repr(clone) == repr(mha)
+        assert torch.equal(clone(x)[0], mha(x)[0])
     fn = ta.nn.TensorAttention(spec=spec, backend="exact")
     assert pickle.loads(pickle.dumps(fn)).spec == fn.spec
 
@@ -245,3 +246,20 @@ def test_torch_compile_works_with_one_graph_break():
     assert x.grad is not None and torch.isfinite(x.grad).all()
     explanation = torch._dynamo.explain(mha)(x)
     assert explanation.graph_break_count == 1
+
+
+def test_triple_task_example_smoke(tmp_path, monkeypatch):
+    """examples/triple_task.py end to end with a handful of steps (the full run is in docs/torch.md)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "triple_task.py"
+    spec = importlib.util.spec_from_file_location("triple_task", path)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(__import__("sys").modules, "triple_task", module)  # dataclasses look it up
+    spec.loader.exec_module(module)
+    results = module.main(["--quick", "--out", str(tmp_path / "curves.png")])
+    assert [r.name.split(",")[0] for r in results] == ["pairwise", "triple", "triple", "triple"]
+    assert (tmp_path / "curves.png").stat().st_size > 0
+    assert results[-1].info.backend == "poly" and results[-1].exact_eval is not None
+    assert all(0.0 <= r.final <= 1.0 for r in results)

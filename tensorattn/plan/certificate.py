@@ -60,7 +60,7 @@ def gradient_factor(eps: float, deps: float) -> float:
     eta = 2 (eps + eps') / (1 - eps) + rho(eps), rho the transfer lemma (``output_error``)."""
     if not eps < 1.0:
         return math.inf
-    return 2.0 * (eps + deps) / (1.0 - eps) + output_error(eps)
+    return float(2.0 * (eps + deps) / (1.0 - eps) + output_error(eps))
 
 
 def certify(approx: Approximant, beta: float, g: int, D: int, m: int, order: int, dtype: str) -> Certificate:
