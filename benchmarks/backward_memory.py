@@ -3,7 +3,7 @@
 Run:  python benchmarks/backward_memory.py [--quick]
 
 Each configuration runs in a fresh subprocess, which reports the growth of its peak resident set
-size (ru_maxrss) over a warm-up baseline. The exact backend's backward recomputes each tile from the
+size (VmHWM) over a warm-up baseline. The exact backend's backward recomputes each tile from the
 saved per-row log-sum-exp (as flash attention does), so training memory stays O(n * block): a few
 tiles, sized by ``memory_budget`` ("exact": the default 64 MiB, "exact-8MiB": 8 MiB), plus O(n)
 state. The naive implementation keeps the full score and probability tensors for autograd: O(n^2)
@@ -26,7 +26,15 @@ import tensorattn as ta
 
 
 def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
+    """This process's own peak RSS (VmHWM); ru_maxrss can include the parent's pages at exec."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0  # kB
+    except OSError:  # not Linux
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def naive(spec: str, q, ks, vs):
