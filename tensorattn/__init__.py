@@ -21,6 +21,9 @@ register_builtins()
 __version__ = "0.1.0"
 
 __all__ = [
+    "backends",
+    "distributed",
+    "nn",
     "AttentionInfo",
     "BACKENDS",
     "Backend",

@@ -145,3 +145,11 @@ def test_registry_fixture_restores_after_failure(restore_registry):
 
 def test_registry_was_restored():
     assert "leaky" not in ta.list_specs()
+
+
+def test_spec_pickles():
+    import pickle
+
+    for spec in (ta.get_spec("rope"), ta.Spec("outer", "id,jd,kd->ijk", value="je,kf->ief")):
+        again = pickle.loads(pickle.dumps(spec))
+        assert again == spec and dict(again.options) == dict(spec.options)

@@ -61,6 +61,13 @@ class Spec:
                 )
         object.__setattr__(self, "options", MappingProxyType(dict(self.options)))
 
+    def __reduce__(self):
+        # the options mapping is a read-only proxy, which pickle cannot copy; rebuild from a dict
+        return (
+            type(self),
+            (self.name, self.score, self.value, self.positional, dict(self.options), self.description),
+        )
+
     def __hash__(self) -> int:
         return hash((self.name, self.score, self.value, self.positional))
 
