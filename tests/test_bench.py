@@ -94,7 +94,9 @@ def test_measure_and_peak_memory():
 def test_affine_estimate_and_visible_tuples():
     est = AffineEstimate(rows=(8, 16), work=(800.0, 1600.0), seconds=(1.0, 1.5), full_work=8000.0)
     assert est.slope == pytest.approx(0.5 / 800) and est.intercept == pytest.approx(0.5)
-    assert est.seconds_full == pytest.approx(5.5)
+    assert est.seconds_full == pytest.approx(5.5) and est.method == "affine"
+    noisy = AffineEstimate(rows=(8, 16), work=(800.0, 1600.0), seconds=(2.0, 1.5), full_work=8000.0)
+    assert noisy.method == "proportional" and noisy.seconds_full == pytest.approx(7.5)
     assert visible_tuples(10, 10, 2, False) == 100
     assert visible_tuples(4, 4, 2, True) == 1 + 2 + 3 + 4
     assert visible_tuples(4, 4, 3, True, q_offset=2, rows=2) == 9 + 16

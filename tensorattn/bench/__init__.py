@@ -46,7 +46,9 @@ def _method(suite: Suite) -> list[str]:
         f"Estimated cases (`~`, `estimated` in results): exact and sdpa visit n·m^(k-1) key tuples; past "
         f"{suite.quadratic_work_cap:.3g} tuples they run on two blocks of query rows (r/4 and r rows; the "
         "last rows when causal, which see the most keys), and the time is extrapolated as t = a + b·W in "
-        "the number W of visited key tuples (their cost is linear in query rows).",
+        "the number W of visited key tuples (their cost is linear in query rows), fitted through the two "
+        "medians; when noise makes that fit degenerate, by proportional scaling of the larger block, which "
+        "can only overstate the time (the row's note says which).",
         f"Peak memory per case: {PeakMemory.method}, over warm-up and timed calls, after returning freed "
         "heap memory to the OS (malloc_trim). The exact peak-RSS target runs in a fresh process "
         "(its own VmHWM, the whole process: interpreter, torch, inputs and the call).",

@@ -121,7 +121,12 @@ class PeakMemory:
 
 @dataclass(frozen=True)
 class AffineEstimate:
-    """t(W) = a + b W fitted through two measured fractions; W counts visible key tuples."""
+    """t(W) = a + b W through two measured fractions (medians); W counts visited key tuples.
+
+    The fixed part a (planning, one pass over the key tiles per query chunk) is not scaled up with
+    the rows. When timing noise makes the fit degenerate (t2 <= t1, or a outside [0, t2]) the
+    estimate falls back to proportional scaling of the larger fraction, t2 W / W2, which can only
+    overstate the time, and says so (``method``)."""
 
     rows: tuple[int, int]
     work: tuple[float, float]
@@ -129,13 +134,27 @@ class AffineEstimate:
     full_work: float
 
     @property
-    def slope(self) -> float:
+    def _fit(self) -> tuple[float, float] | None:
         (w1, w2), (t1, t2) = self.work, self.seconds
-        return max(0.0, (t2 - t1) / (w2 - w1)) if w2 > w1 else t2 / w2
+        if w2 <= w1 or t2 <= t1:
+            return None
+        slope = (t2 - t1) / (w2 - w1)
+        intercept = t2 - slope * w2
+        return (slope, intercept) if 0.0 <= intercept <= t2 else None
+
+    @property
+    def method(self) -> str:
+        return "affine" if self._fit else "proportional"
+
+    @property
+    def slope(self) -> float:
+        fit = self._fit
+        return fit[0] if fit else self.seconds[1] / self.work[1]
 
     @property
     def intercept(self) -> float:
-        return max(0.0, self.seconds[1] - self.slope * self.work[1])
+        fit = self._fit
+        return fit[1] if fit else 0.0
 
     @property
     def seconds_full(self) -> float:

@@ -189,7 +189,7 @@ def _estimated(case: Case, inp: Inputs, suite: Suite, kwargs: dict, full_work: f
     fields = dict(info=info, median_s=est.seconds_full, repeats=len(times), times_s=times,
                   peak_mem_mib=_mib(mem.peak_bytes), peak_rss_mib=_mib(mem.peak_rss_bytes), max_error=err,
                   error_rows=err_rows, estimated=True, estimate_rows=[r1, r2],
-                  note=f"estimated from query rows {r1} and {r2} of {n} (affine in visited key tuples)")
+                  note=f"estimated from query rows {r1} and {r2} of {n} ({est.method} in visited key tuples)")
     if validate:
         full = _measured(case, inp, suite, kwargs)
         fields["measured_full_s"] = full["median_s"]
