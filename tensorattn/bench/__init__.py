@@ -44,7 +44,8 @@ def _method(suite: Suite) -> list[str]:
         "float32 torch tensors (batch 1); the call includes validation and planning, as a user sees it.",
         "Every ratio is computed from medians measured in this run.",
         f"Estimated cases (`~`, `estimated` in results): exact and sdpa visit n·m^(k-1) key tuples; past "
-        f"{suite.quadratic_work_cap:.3g} tuples they run on two blocks of query rows (r/4 and r rows; the "
+        f"{suite.quadratic_work_cap:.3g} tuples they run on two blocks of query rows (r/4 and r rows, r·m^(k-1) "
+        f"≈ {suite.estimate_work:.3g}; the "
         "last rows when causal, which see the most keys), and the time is extrapolated as t = a + b·W in "
         "the number W of visited key tuples (their cost is linear in query rows), fitted through the two "
         "medians; when noise makes that fit degenerate, by proportional scaling of the larger block, which "
@@ -108,7 +109,8 @@ def run_bench(suite: str | Suite = "default", out: str | os.PathLike = "bench-re
         command=command or f"run_bench({s.name!r})", date=date, wall_s=time.perf_counter() - start,
         suite=dict(name=s.name, parts=list(s.parts), warmup=s.warmup, repeats=s.repeats,
                    min_repeats=s.min_repeats, max_case_seconds=s.max_case_seconds,
-                   quadratic_work_cap=s.quadratic_work_cap, error_work_cap=s.error_work_cap),
+                   quadratic_work_cap=s.quadratic_work_cap, estimate_work=s.estimate_work,
+                   error_work_cap=s.error_work_cap),
         part_seconds=seconds, environment=env, method=_method(s), rows=rows, experiments=exps,
         targets=targets(rows, exps, s) if "targets" in s.parts else [], figures=figures,
     )

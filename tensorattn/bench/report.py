@@ -315,7 +315,7 @@ def markdown(results: dict, image_prefix: str = "") -> str:
                   "|---:|---|---:|---:|---:|---:|"]
         for r in grad["rows"]:
             bound = "" if r["grad_error_bound"] is None or r["backend"] != "poly" else f"{r['grad_error_bound']:.1e}"
-            dr = "" if r["rank"] is None else f"{r['degree'] if r['degree'] is not None else ''} / {r['rank']:,}"
+            dr = "" if r["rank"] is None else f"{'–' if r['degree'] is None else r['degree']} / {r['rank']:,}"
             lines.append(f"| {r['n']:,} | {r['backend']} | {_t(r['median_s'])} | {r['max_grad_error']:.1e} | {bound} "
                          f"| {dr} |")
         lines.append("")

@@ -172,7 +172,7 @@ def _estimated(case: Case, inp: Inputs, suite: Suite, kwargs: dict, full_work: f
     order, n = inp.order, case.n
     per_row = float(n) ** (order - 1)
     # r and r/4 rows: a wide spread keeps the fitted slope from amplifying timing noise
-    r2 = min(n // 2, _rows_for(per_row, suite.quadratic_work_cap, n, 16))
+    r2 = min(n // 2, _rows_for(per_row, suite.estimate_work, n, 16))
     r1 = max(1, r2 // 4)
     spans = [(n - r, n) if case.causal else (0, r) for r in (r1, r2)]
     seconds, works, times = [], [], []

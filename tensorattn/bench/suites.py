@@ -47,7 +47,9 @@ class Suite:
     min_repeats: int = 3
     max_case_seconds: float = 1.5
     #: quadratic backends run on all rows while they visit at most this many key tuples
-    quadratic_work_cap: float = 2.0**27
+    quadratic_work_cap: float = 2.0**30
+    #: past it, the larger of the two timed row blocks visits about this many key tuples
+    estimate_work: float = 2.0**27
     #: the float64 exact reference visits at most this many key tuples (a subset of rows)
     error_work_cap: float = 2.0**24
     #: also measure the first estimated case of each (spec, backend) in full, to check the estimate
@@ -107,7 +109,7 @@ def full_suite() -> Suite:
     )
     return Suite(
         "full", tuple(cases), repeats=5, min_repeats=3, max_case_seconds=10.0,
-        quadratic_work_cap=2.0**30, error_work_cap=2.0**26, validate_estimates=True,
+        quadratic_work_cap=2.0**31, estimate_work=2.0**29, error_work_cap=2.0**26, validate_estimates=True,
         rank_n=4096, rank_degrees=(1, 2, 3, 4, 5, 6, 7), favor_seeds=(0, 1, 2, 3, 4),
         plan_points=60, fixed_sizes=((2, 4096, 8), (3, 512, 8)), needle_ns=(256, 1024, 4096, 16384),
         needle_queries=512, grad_ns=(1024, 4096, 16384), rss_rows=None,
@@ -119,7 +121,7 @@ def micro_suite() -> Suite:
     cases = _grid("pairwise", (64, 128)) + _grid("triple", (32,), ("poly", "exact", "favor"))
     return Suite(
         "micro", tuple(cases), parts=tuple(p for p in PARTS if p != "rss"),
-        warmup=0, repeats=1, min_repeats=1, max_case_seconds=0.5, quadratic_work_cap=2.0**12,
+        warmup=0, repeats=1, min_repeats=1, max_case_seconds=0.5, quadratic_work_cap=2.0**12, estimate_work=2.0**10,
         error_work_cap=2.0**14, rank_n=128, rank_degrees=(1, 2, 3), favor_seeds=(0,), plan_ns=(2**10,),
         plan_points=6, fixed_sizes=((2, 64, 4), (3, 24, 4)), fixed_ratios=(0.5, 1.0, 1.5),
         needle_ns=(64,), needle_queries=16, needle_points=6, grad_ns=(64,), target_n=128, triple_target_n=32,
