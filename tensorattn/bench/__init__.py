@@ -23,7 +23,9 @@ from .report import environment, markdown, targets, write_csv, write_json
 from .runner import run_sweep
 from .suites import PARTS, SUITES, SWEEP_BACKENDS, Case, Suite, get_suite, override
 
-__all__ = ["PARTS", "SUITES", "SWEEP_BACKENDS", "Case", "Suite", "environment", "get_suite", "override", "run_bench"]
+__all__ = [
+    "PARTS", "SUITES", "SWEEP_BACKENDS", "Case", "Suite", "environment", "get_suite", "override", "replot", "run_bench",
+]
 
 
 def _progress_bar(enabled: bool):
@@ -123,6 +125,11 @@ def run_bench(suite: str | Suite = "default", out: str | os.PathLike = "bench-re
 def _untimed(fn, *args):
     with single_thread():
         return fn(*args)
+
+
+def replot(results: dict, out: str | os.PathLike) -> dict[str, str]:
+    """Redraw the PNG plots of a finished run (e.g. loaded from results.json) into ``out``."""
+    return _plots(results["rows"], results["experiments"], Path(out))
 
 
 def _plots(rows: list[dict], exps: dict, out: Path) -> dict[str, str]:

@@ -125,10 +125,17 @@ def error_vs_rank(exp: dict, path: Path) -> str:
     ax.set_ylabel("max |out - exact|")
     ax.set_title(f"pairwise, n = {exp['n']}, d = {exp['d']}, entries in [-1, 1], scale 1/d")
     _save(fig, [ax], path)
+    note = ""
+    t2 = [p for p in exp["points"] if p["method"] == "taylor2"]
+    same = [p for p in poly if t2 and p["rank"] == t2[0]["rank"]]
+    if t2 and same and t2[0]["max_error"] < same[0]["max_error"]:
+        note = (" At rank C(d+2, 2) the Taylor kernel measures below degree-2 Chebyshev here: typical scores are "
+                "far inside the certified radius β, where Taylor is exact to second order, while Chebyshev "
+                "spreads its error evenly over [−β, β] and is the one that carries a certificate.")
     return ("Max error against rank at equal rank: poly of degree g has rank C(d+g, g); FAVOR+ uses that many "
             "positive orthogonal random features (band: min to max over seeds); taylor2 is the degree-2 "
             "Taylor kernel of linear-attention models (rank C(d+2, 2)). The dashed line is poly's certified "
-            "bound.")
+            "bound." + note)
 
 
 def phase_transition(plans: dict, path: Path) -> str:
