@@ -96,6 +96,8 @@ def choose_certificate(
     if not beta <= MAX_CERTIFIABLE_BETA:
         return None
     for g in range(0, max_degree + 1):
+        if output_error(approx.truncation_error(beta, g)) > tol:
+            continue  # the truncation alone is too large: skip the costlier parts of the bound
         dtype = input_dtype
         if dtype == "float32":
             c32 = certify(approx, beta, g, D, m, order, "float32")
