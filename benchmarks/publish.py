@@ -3,6 +3,7 @@
     python benchmarks/publish.py                 # default suite (< 3 min on 2 cores)
     python benchmarks/publish.py --suite full    # the larger sweeps
     python benchmarks/publish.py --from-results  # redraw plots and README.md from latest/results.json
+    python benchmarks/publish.py --from-results --full-results full/results.json  # add a full run's checks
 
 The README holds the DESIGN section 7 targets next to the measured ratios, the tables and the plots
 of the latest run, and the command that reproduces them.
@@ -83,11 +84,55 @@ def notes(results: dict) -> str:
     return ("### Notes on the targets that were missed\n\n" + "\n\n".join(out) + "\n\n") if out else ""
 
 
+def full_checks(full: dict) -> dict:
+    """What a full-suite run adds to the page: its estimates checked against full measurements, and
+    the larger sizes of the headline workloads."""
+    checks = [dict(spec=r["spec"], backend=r["backend"], n=r["n"], estimated_s=r["median_s"],
+                   measured_s=r["measured_full_s"], method=r["note"].split("(")[-1].split(" in ")[0])
+              for r in full["rows"] if r.get("measured_full_s")]
+    larger = []
+    for spec, n in (("triple", 2048), ("pairwise", 131072)):
+        poly = _row(full, spec, "poly", n)
+        rival = _row(full, spec, "exact", n)
+        if poly and rival:
+            larger.append(dict(spec=spec, n=n, poly_s=poly["median_s"], exact_s=rival["median_s"],
+                               exact_estimated=rival["estimated"]))
+    return dict(command=full["command"], date=full["date"], wall_s=full["wall_s"], checks=checks, larger=larger,
+                targets=[dict(workload=t["workload"], target=t["target"], measured=t["measured"], met=t["met"])
+                         for t in full["targets"]])
+
+
+def render_full(fc: dict) -> str:
+    lines = ["### Checks from a full-suite run\n",
+             f"`{fc['command']}` on the same machine ({fc['date']}, {fc['wall_s'] / 60:.0f} min). Row-fraction "
+             "estimates against the same cases measured in full:\n",
+             "| spec | backend | n | estimated | measured in full | difference | fit |",
+             "|---|---|---:|---:|---:|---:|---|"]
+    for c in fc["checks"]:
+        diff = 100 * (c["estimated_s"] / c["measured_s"] - 1)
+        lines.append(f"| {c['spec']} | {c['backend']} | {c['n']:,} | {c['estimated_s']:.3g} s | "
+                     f"{c['measured_s']:.3g} s | {diff:+.0f}% | {c['method']} |")
+    if fc["larger"]:
+        lines += ["", "Larger sizes of the headline workloads:\n", "| workload | poly | exact | ratio |",
+                  "|---|---:|---:|---:|"]
+        for x in fc["larger"]:
+            est = "~" if x["exact_estimated"] else ""
+            lines.append(f"| {x['spec']}, n = {x['n']:,}, d = 8 | {x['poly_s'] * 1e3:.1f} ms | "
+                         f"{est}{x['exact_s']:.3g} s | {x['exact_s'] / x['poly_s']:,.0f}× |")
+    lines += ["", "Its targets table:\n", "| workload | target | measured | met |", "|---|---|---|---|"]
+    for t in fc["targets"]:
+        met = "" if t["met"] is None else ("yes" if t["met"] else "**no**")
+        lines.append(f"| {t['workload']} | {t['target']} | {t['measured']} | {met} |")
+    return "\n".join(lines) + "\n\n"
+
+
 def render(results: dict) -> str:
     suite = results["suite"]["name"]
     body = markdown(results, image_prefix="latest/")
     body = body.split("\n", 1)[1].replace("\n## ", "\n### ")  # nested under "Latest run"
-    body = body.replace("### Results\n", notes(results) + "### Results\n", 1)
+    fc_path = LATEST / "full_checks.json"
+    full = render_full(json.loads(fc_path.read_text())) if fc_path.exists() else ""
+    body = body.replace("### Results\n", notes(results) + full + "### Results\n", 1)
     return HEADER.format(command=results["command"], suite_flag="" if suite == "default" else f" --suite {suite}") \
         + f"## Latest run ({suite} suite)\n" + body
 
@@ -96,6 +141,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--suite", default="default")
     parser.add_argument("--from-results", action="store_true", help="rebuild README.md from latest/results.json")
+    parser.add_argument("--full-results", help="results.json of a `--suite full` run: adds its checks to the page")
     args = parser.parse_args()
     if args.from_results:  # redraw the plots and captions from the stored results, then the page
         results = json.loads((LATEST / "results.json").read_text())
@@ -106,6 +152,9 @@ def main() -> None:
         out = LATEST.relative_to(Path.cwd()) if LATEST.is_relative_to(Path.cwd()) else LATEST
         command = f"tensorattn bench --out {out}" + ("" if args.suite == "default" else f" --suite {args.suite}")
         results = run_bench(args.suite, LATEST, command=command)
+    if args.full_results:
+        fc = full_checks(json.loads(Path(args.full_results).read_text()))
+        (LATEST / "full_checks.json").write_text(json.dumps(fc, indent=1))
     (HERE / "README.md").write_text(render(results))
     print(f"wrote {HERE / 'README.md'}")
 
