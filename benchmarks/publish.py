@@ -64,23 +64,29 @@ def notes(results: dict) -> str:
                               f"{e['median_s'] * 1e3:,.0f} ms")
         rise = (f"from {small['median_s'] * 1e3:.1f} ms at n = 64 to {big['median_s'] * 1e3:.1f} ms at n = 1,024"
                 if small and big else "little with n")
+        prof = results["experiments"].get("gemm", {}).get("triple")
+        where = ""
+        if prof:
+            where = (f" A profiled call in this run took {prof['wall_s'] * 1e3:.1f} ms: {prof['mul_calls']} small "
+                     f"multiplies building the feature maps ({prof['mul_s'] * 1e3:.1f} ms), {prof['gemm_calls']} "
+                     f"skinny GEMMs ({prof['gemm_s'] * 1e3:.1f} ms), and {prof['outside_ops_s'] * 1e3:.1f} ms outside "
+                     "torch ops (validation, planning, Python glue).")
         out.append(
             f"**Triple, n = 1,024.** poly's time is almost all fixed per-call cost: it rises only {rise}, while "
-            "exact's grows as n³. A torch.profiler profile of one call on this machine showed about a hundred "
-            "small multiplies building the three feature maps (~10 µs each), three skinny GEMMs (495 × 1,024 "
-            "by 1,024 × 9, ~0.3 ms each) and ~0.7 ms of planning (the certificate search evaluates value and "
-            "derivative bounds for every candidate degree). The measured ratios (" + "; ".join(ratios) + ") grow "
-            "about 4× per doubling of n, so the 1,000× target would be passed near n = 2,048 if the trend holds "
-            "(`--suite full` measures n = 2,048).")
+            f"exact's grows as n³.{where} The measured ratios (" + "; ".join(ratios) + ") grow about 4× per "
+            "doubling of n, so the 1,000× target would be passed near n = 2,048 if the trend holds (`--suite full` "
+            "measures n = 2,048).")
     g = results["experiments"].get("gemm")
     if g and any(w.startswith("poly run") for w in missed):
-        mul = next((o["seconds"] for o in g["top_ops"] if o["op"] == "aten::mul"), 0.0)
+        mul = g.get("mul_s", next((o["seconds"] for o in g["top_ops"] if o["op"] == "aten::mul"), 0.0))
+        calls = g.get("gemm_calls")
         out.append(
-            f"**GEMM share.** In the profiled call (n = {g['n']:,}) the two GEMMs take {g['gemm_s'] * 1e3:.0f} ms and "
-            f"building the features (aten::mul) {mul * 1e3:.0f} ms of {g['wall_s'] * 1e3:.0f} ms. Both are single "
-            f"passes over the {g['rank']} × {g['n']:,} feature matrix, and with e + 1 = 9 value columns the GEMMs "
-            "do ~2 flops per byte read, so they are memory-bound: writing the features costs about as much as "
-            "multiplying them.")
+            f"**GEMM share.** In the profiled call (n = {g['n']:,}) the GEMMs{f' ({calls} calls)' if calls else ''} "
+            f"take {g['gemm_s'] * 1e3:.0f} ms and building the features (aten::mul) {mul * 1e3:.0f} ms of "
+            f"{g['wall_s'] * 1e3:.0f} ms. Both are single passes over the {g['rank']} × {g['n']:,} feature matrix: "
+            "one writes it, the other reads it, and with e + 1 = 9 value columns the GEMMs do ~2 flops per byte, "
+            "so both are memory-bound and the GEMMs cannot take much more than half of a call. Making the GEMMs "
+            "faster lowers this share.")
     return ("### Notes on the targets that were missed\n\n" + "\n\n".join(out) + "\n\n") if out else ""
 
 
@@ -97,14 +103,16 @@ def full_checks(full: dict) -> dict:
         if poly and rival:
             larger.append(dict(spec=spec, n=n, poly_s=poly["median_s"], exact_s=rival["median_s"],
                                exact_estimated=rival["estimated"]))
-    return dict(command=full["command"], date=full["date"], wall_s=full["wall_s"], checks=checks, larger=larger,
+    return dict(command=full["command"], date=full["date"], wall_s=full["wall_s"],
+                commit=full["environment"].get("commit"), checks=checks, larger=larger,
                 targets=[dict(workload=t["workload"], target=t["target"], measured=t["measured"], met=t["met"])
                          for t in full["targets"]])
 
 
 def render_full(fc: dict) -> str:
     lines = ["### Checks from a full-suite run\n",
-             f"`{fc['command']}` on the same machine ({fc['date']}, {fc['wall_s'] / 60:.0f} min). Row-fraction "
+             f"`{fc['command']}` on the same machine (commit {fc.get('commit')}, {fc['date']}, "
+             f"{fc['wall_s'] / 60:.0f} min). Row-fraction "
              "estimates against the same cases measured in full:\n",
              "| spec | backend | n | estimated | measured in full | difference | fit |",
              "|---|---|---:|---:|---:|---:|---|"]

@@ -170,14 +170,14 @@ def _quiet_stderr():
 GEMM_OPS = ("aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm", "aten::matmul", "aten::linear")
 
 
-def gemm_share(suite: Suite, d: int = 8, tol: float = 1e-3) -> dict:
-    """Share of a poly run's wall time spent in matrix multiplies (torch.profiler self CPU time of
-    the GEMM ops), pairwise, entries in [-1, 1], scale 1/d."""
+def profile_poly(spec: str, n: int, d: int = 8, tol: float = 1e-3) -> dict:
+    """One poly call under torch.profiler (entries in [-1, 1], scale 1/d): wall time, self CPU time
+    per op, the GEMM share, and the time outside torch ops (validation, planning, Python glue)."""
     from torch.profiler import ProfilerActivity, profile
 
-    n = suite.gemm_n
-    q, k, v = _as_args(*random_inputs("pairwise", n, d, seed=1, dtype=np.float32), 2)
-    call = lambda: api.attention(q, k, v, backend="poly", scale=1 / d, tol=tol, return_info=True)  # noqa: E731
+    order = get_spec(spec).order
+    q, k, v = _as_args(*random_inputs(spec, n, d, seed=1, dtype=np.float32), order)
+    call = lambda: api.attention(q, k, v, spec=spec, backend="poly", scale=1 / d, tol=tol, return_info=True)  # noqa: E731
     call()
     t0 = time.perf_counter()
     _, info = call()
@@ -186,15 +186,26 @@ def gemm_share(suite: Suite, d: int = 8, tol: float = 1e-3) -> dict:
         t0 = time.perf_counter()
         call()
         wall = time.perf_counter() - t0
-    ops = {}
+    ops, calls = {}, {}
     for ev in prof.key_averages():
         ops[ev.key] = ops.get(ev.key, 0.0) + ev.self_cpu_time_total / 1e6
+        calls[ev.key] = calls.get(ev.key, 0) + ev.count
     gemm = sum(t for name, t in ops.items() if name in GEMM_OPS)
     total = sum(ops.values())
     top = sorted(ops.items(), key=lambda kv: -kv[1])[:8]
-    return dict(n=n, d=d, degree=info.degree, rank=info.rank, wall_s=wall, unprofiled_s=plain, gemm_s=gemm,
-                profiled_ops_s=total, share=gemm / wall if wall > 0 else None,
-                top_ops=[dict(op=name, seconds=t) for name, t in top])
+    return dict(spec=spec, n=n, d=d, degree=info.degree, rank=info.rank, wall_s=wall, unprofiled_s=plain,
+                gemm_s=gemm, gemm_calls=sum(c for name, c in calls.items() if name in GEMM_OPS),
+                mul_s=ops.get("aten::mul", 0.0), mul_calls=calls.get("aten::mul", 0), profiled_ops_s=total,
+                outside_ops_s=max(0.0, wall - total), share=gemm / wall if wall > 0 else None,
+                top_ops=[dict(op=name, seconds=t, calls=calls[name]) for name, t in top])
+
+
+def gemm_share(suite: Suite, d: int = 8, tol: float = 1e-3) -> dict:
+    """Share of a poly run's wall time spent in matrix multiplies, pairwise at ``gemm_n``; with the
+    same profile of the triple headline size, where fixed per-call costs dominate."""
+    out = profile_poly("pairwise", suite.gemm_n, d, tol)
+    out["triple"] = profile_poly("triple", suite.triple_target_n, d, tol)
+    return out
 
 
 def _training_step(leaves: list[torch.Tensor], dout: torch.Tensor, **kwargs):
