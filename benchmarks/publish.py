@@ -12,6 +12,7 @@ of the latest run, and the command that reproduces them.
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 from pathlib import Path
 
@@ -36,9 +37,7 @@ python benchmarks/publish.py --from-results   # rebuild this page from latest/re
 or in one step `python benchmarks/publish.py{suite_flag}`. The raw results are in
 [`latest/results.json`](latest/results.json) and [`latest/results.csv`](latest/results.csv); the
 method is described at the end of this page and in [`docs/benchmarks.md`](../docs/benchmarks.md).
-Other scripts here measure single properties: `exact_memory.py` (peak memory of exact attention),
-`relative_scaling.py` (relative-position backend), `distributed_comm.py` (communication volume).
-
+{others}
 """
 
 
@@ -138,6 +137,17 @@ def render_full(runs: list[dict]) -> str:
     return "\n".join(lines) + "\n\n"
 
 
+def other_scripts() -> str:
+    """One line per other script in benchmarks/, from the first line of its docstring."""
+    items = []
+    for path in sorted(HERE.glob("*.py")):
+        if path.name == "publish.py":
+            continue
+        doc = ast.get_docstring(ast.parse(path.read_text())) or ""
+        items.append(f"- `{path.name}`: {doc.splitlines()[0] if doc else ''}")
+    return ("Other scripts here measure single properties:\n\n" + "\n".join(items) + "\n") if items else ""
+
+
 def render(results: dict) -> str:
     suite = results["suite"]["name"]
     body = markdown(results, image_prefix="latest/")
@@ -145,7 +155,8 @@ def render(results: dict) -> str:
     fc_path = LATEST / "full_checks.json"
     full = render_full(json.loads(fc_path.read_text())) if fc_path.exists() else ""
     body = body.replace("### Results\n", notes(results) + full + "### Results\n", 1)
-    return HEADER.format(command=results["command"], suite_flag="" if suite == "default" else f" --suite {suite}") \
+    return HEADER.format(command=results["command"], suite_flag="" if suite == "default" else f" --suite {suite}",
+                         others=other_scripts()) \
         + f"## Latest run ({suite} suite)\n" + body
 
 
