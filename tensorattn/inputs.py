@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -94,8 +94,7 @@ class Operands:
         """Reshape ``(Z, n, *vals)`` to the caller's leading dims, dtype, device and array type."""
         out = out.reshape(*self.lead, self.n, *self.out_value_shape)
         if self.kind == "numpy":
-            return out.detach().to(torch.float64 if self.out_dtype == np.float64 else out.dtype) \
-                .cpu().numpy().astype(self.out_dtype, copy=False)
+            return out.detach().cpu().numpy().astype(self.out_dtype, copy=False)
         return out.to(self.out_dtype)
 
 
@@ -180,9 +179,7 @@ def prepare(spec: Spec, q, k, v, *, causal: bool, scale: float | None, options: 
     vts = [_to_tensor(x, nm)[0] for x, nm in zip(vs, vnames)]
     for t, nm in zip([qt, *kts, *vts], ["q", *knames, *vnames]):
         _check_float(t, nm)
-    out_dtype = q.dtype if kind == "numpy" else qt.dtype
-    if kind == "numpy":
-        out_dtype = np.asarray(q).dtype
+    out_dtype = qt.numpy().dtype if kind == "numpy" else qt.dtype
     device = qt.device
     for t, nm in zip([*kts, *vts], [*knames, *vnames]):
         if t.device != device:
@@ -268,14 +265,14 @@ def prepare(spec: Spec, q, k, v, *, causal: bool, scale: float | None, options: 
     compute = torch.float64 if any(t.dtype == torch.float64 for t in [qt, *kts, *vts]) else torch.float32
     Z = math.prod(lead)
 
-    def flat(t: torch.Tensor, extra: int) -> torch.Tensor:
+    def flat(t: torch.Tensor) -> torch.Tensor:
         return t.reshape(Z, *t.shape[len(lead):]).to(compute)
 
     ops = Operands(
         spec=spec,
-        q=flat(qt, 0),
-        keys=[flat(t, 0) for t in kts],
-        values=[flat(t, 0) for t in vts],
+        q=flat(qt),
+        keys=[flat(t) for t in kts],
+        values=[flat(t) for t in vts],
         lead=lead,
         n=n,
         ms=ms,
@@ -359,6 +356,3 @@ def relative_offsets(ops: Operands, q_pos: torch.Tensor, k_pos: torch.Tensor) ->
     """Index into W for each (query, key) pair: i - j + m - 1 (positions include q_offset)."""
     return q_pos[:, None] - k_pos[None, :] + (ops.ms[0] - 1)
 
-
-def seq(x: Sequence | Any) -> list:
-    return list(x) if isinstance(x, (list, tuple)) else [x]

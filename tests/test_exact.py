@@ -117,3 +117,10 @@ def test_value_einsum_outer_product():
 def test_k_sequence_of_one_for_pairwise():
     q, k, v = random_inputs("pairwise", n=6, d=3, dtype=np.float64)
     np.testing.assert_allclose(ta.attention(q, (k,), (v,)), ta.attention(q, k, v))
+
+
+def test_python_lists_are_accepted_as_numpy():
+    q = [[0.1, 0.2], [0.3, -0.4]]
+    out = ta.attention(q, q, q, backend="exact")
+    assert isinstance(out, np.ndarray) and out.dtype == np.float64
+    np.testing.assert_allclose(out, reference_attention(np.array(q), np.array(q), np.array(q)), atol=1e-12)
