@@ -4,7 +4,7 @@ Run:  python benchmarks/gradient_bounds.py
 
 For each case, float64 inputs uniform in [-bound, bound], a random upstream gradient dO, and the
 gradients w.r.t. q, keys and values from backend='poly' and backend='exact'. Prints, per input, the
-measured max |grad_poly - grad_exact| and the bound from ta.grad_error_bound(info, dO); the ratio
+measured max |grad_poly - grad_exact| and the bound from ta.grad_bound_for(info, dO); the ratio
 must be <= 1 (the worst key and value slot are shown). The last row is an adversarial 1-d case
 (keys at scores +-beta) where the bound is nearly attained.
 """
@@ -35,7 +35,7 @@ def measure(spec, q, k, v, *, causal=False, tol=1e-3, **opts):
         grads[backend] = [x.grad for x in leaves]
         if backend == "poly":
             poly_info = info
-    bounds = ta.grad_error_bound(poly_info, dO, by_input=True)
+    bounds = ta.grad_bound_for(poly_info, dO, by_input=True)
     errors = {n: float((a - b).abs().max()) for n, a, b in zip(poly_info.grad.names, grads["exact"], grads["poly"])}
     return poly_info, errors, bounds
 

@@ -6,14 +6,15 @@
 """
 
 from . import (
-    backends,  # registers built-in backends
+    backends,  # registers the built-in backends
     distributed,  # ta.distributed.attention: sequence parallel on torch.distributed
     nn,  # ta.nn.TensorAttention, ta.nn.MultiheadTensorAttention
 )
-from .api import AttentionInfo, BoundReport, attention, check_bounds, grad_error_bound
-from .backends import BACKENDS, Backend, get_backend, register_backend
+from .api import AttentionInfo, attention, check_bounds, grad_bound_for
 from .errors import BoundError, InputError, SpecError, TensorAttnError
-from .plan import BoundWarning, Plan, plan, threshold
+from .planning import BoundWarning, Plan, make_plan, plan, plan_for, threshold
+from .registry import BACKENDS, Backend, Refusal, get_backend, register_backend
+from .request import Problem, Request
 from .spec import Spec, get_spec, list_specs, register_builtins, register_spec, unregister_spec
 
 register_builtins()
@@ -21,29 +22,31 @@ register_builtins()
 __version__ = "0.1.0"
 
 __all__ = [
-    "backends",
-    "distributed",
-    "nn",
     "AttentionInfo",
     "BACKENDS",
     "Backend",
     "BoundError",
-    "BoundReport",
     "BoundWarning",
     "InputError",
     "Plan",
+    "Problem",
+    "Refusal",
+    "Request",
     "Spec",
     "SpecError",
     "TensorAttnError",
     "attention",
+    "backends",
     "check_bounds",
     "distributed",
     "get_backend",
     "get_spec",
-    "grad_error_bound",
+    "grad_bound_for",
     "list_specs",
+    "make_plan",
     "nn",
     "plan",
+    "plan_for",
     "register_backend",
     "register_spec",
     "threshold",

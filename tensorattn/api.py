@@ -1,19 +1,19 @@
-"""The user-facing functions: attention() and check_bounds(). They compute nothing themselves:
-Spec -> Operands (validation) -> Plan -> Backend -> result (+ AttentionInfo)."""
+"""The user-facing functions: attention(), check_bounds() and grad_bound_for(). They compute
+nothing themselves: Spec + Request -> Operands (validation) -> Plan -> Backend -> result
+(+ AttentionInfo); docs/design.md#from-a-call-to-a-result."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 import torch
 
-from .backends import BACKENDS, get_backend
-from .inputs import Operands, prepare, resolve_options
-from .plan import Plan, input_stats, make_plan
-from .plan.bounds import operand_maxima
-from .plan.certificate import GradientBound, gradient_bound
+from .inputs import Operands, prepare
+from .planning import GradientBound, Plan, certify_gradients, operand_maxima, plan_for
+from .registry import BACKENDS
+from .request import Request
 from .spec import Spec, get_spec
 
 
@@ -64,25 +64,22 @@ class AttentionInfo:
         )
 
 
-BoundReport = Plan
-"""check_bounds() returns the Plan for poly on the given inputs: B, tau, beta, degree, rank, flops."""
+def run_plan(plan: Plan, ops: Operands) -> torch.Tensor:
+    """Run the backend the plan chose on validated operands: (Z, n, *values) in the compute dtype."""
+    if ops.n == 0 or ops.q.shape[0] == 0:
+        return ops.q.new_zeros(ops.q.shape[0], ops.n, *ops.out_value_shape)
+    return BACKENDS[plan.backend].run(plan, ops)
 
 
-def _plan_for(ops: Operands, backend: str, tol: float, on_unbounded: str, *, maxima=None,
-              n: int | None = None, ms: tuple[int, ...] | None = None) -> Plan:
-    """The plan for ``ops``; a sequence-parallel caller passes the global ``maxima``, n and ms so
-    that every shard plans the whole sequence and picks the same degree."""
-    stats = input_stats(ops, maxima)
-    value_dims = tuple(int(np.prod(v.shape[2:])) for v in ops.values)
-    E = int(np.prod(ops.out_value_shape))
-    return make_plan(
-        ops.spec, n=ops.n if n is None else n, ms=ops.ms if ms is None else ms, D=ops.D,
-        value_dims=value_dims, E=E, Z=ops.q.shape[0],
-        causal=ops.causal, scale=ops.scale, tol=tol, beta=stats.beta, B=stats.B, vmax=stats.vmax,
-        backend=backend, on_unbounded=on_unbounded, options=ops.options,
-        input_dtype="float64" if ops.dtype == torch.float64 else "float32",
-        need_grad=ops.requires_grad and backend in ("poly", "auto"),
-    )
+def attend(spec: Spec, q: Any, k: Any, v: Any, request: Request, spec_options: Mapping[str, Any] | None = None,
+           *, return_info: bool = False):
+    """``attention`` for a resolved spec and a validated Request (the nn modules call this)."""
+    ops = prepare(spec, q, k, v, request, dict(spec_options or {}))
+    plan = plan_for(ops, request)
+    result = ops.restore(run_plan(plan, ops))
+    if return_info:
+        return result, AttentionInfo.from_plan(plan, certify_gradients(plan, ops, operand_maxima(ops)))
+    return result
 
 
 def attention(
@@ -97,9 +94,16 @@ def attention(
     tol: float = 1e-3,
     on_unbounded: str = "raise",
     return_info: bool = False,
-    **spec_options: Any,
+    **options: Any,
 ):
-    """Generalized attention. See DESIGN section 3 for the contract.
+    """Generalized attention: ``out_i = sum over key tuples of softmax(score) * value``.
+
+    ``q`` is ``(..., n, d)``; for order-2 specs ``k`` is ``(..., m, d)`` and ``v`` is ``(..., m, e)``,
+    for order-k specs they are sequences of k-1 arrays. The result has the array type, dtype,
+    device and leading dims of ``q``. ``backend`` is ``"auto"``, ``"exact"``, ``"poly"`` or a
+    registered baseline; poly certifies ``max|out - exact| <= tol * max|v|``. Other keywords are
+    the ``Request`` settings (``max_degree``, ``memory_budget``, ``q_offset`` ...) and the spec's
+    own options (``rope_base``, ``rel`` ...). See docs/index.md and docs/design.md.
 
     >>> import numpy as np, tensorattn as ta
     >>> rng = np.random.default_rng(0)
@@ -112,24 +116,13 @@ def attention(
     True
     """
     spec_obj = get_spec(spec)
-    options = resolve_options(spec_obj, spec_options)
-    if backend != "auto":
-        get_backend(backend)
-    ops = prepare(spec_obj, q, k, v, causal=causal, scale=scale, options=options)
-    plan = _plan_for(ops, backend, tol, on_unbounded)
-    if ops.n == 0:
-        out = ops.q.new_zeros(ops.q.shape[0], 0, *ops.out_value_shape)
-    else:
-        impl = BACKENDS[plan.backend]
-        impl.check(ops)
-        out = impl.run(plan, ops)
-    result = ops.restore(out)
-    if return_info:
-        return result, AttentionInfo.from_plan(plan, gradient_bound(plan, ops, operand_maxima(ops)))
-    return result
+    request, spec_options = Request.from_call(
+        spec_obj, backend=backend, causal=causal, scale=scale, tol=tol, on_unbounded=on_unbounded, **options
+    )
+    return attend(spec_obj, q, k, v, request, spec_options, return_info=return_info)
 
 
-def grad_error_bound(info: AttentionInfo, d_out: Any, *, by_input: bool = False) -> float | dict[str, float] | None:
+def grad_bound_for(info: AttentionInfo, d_out: Any, *, by_input: bool = False) -> float | dict[str, float] | None:
     """Certified bound on the gradient error of one call for the upstream gradient ``d_out``.
 
     For ``out.backward(d_out)``, bounds the l2 norm of the gradient error of every token (hence
@@ -148,21 +141,12 @@ def grad_error_bound(info: AttentionInfo, d_out: Any, *, by_input: bool = False)
     return bounds if by_input else max(bounds.values())
 
 
-def check_bounds(
-    q: Any,
-    k: Any,
-    v: Any = None,
-    *,
-    spec: str | Spec = "pairwise",
-    causal: bool = False,
-    scale: float | None = None,
-    tol: float = 1e-3,
-    **spec_options: Any,
-) -> Plan:
-    """The bound check of DESIGN 5.3 on real inputs: B, tau_k(n), beta, the degree and rank that
-    poly needs for ``tol``, flops of exact vs poly, and the verdict (``report.passed``)."""
+def check_bounds(q: Any, k: Any, v: Any = None, *, spec: str | Spec = "pairwise", **options: Any) -> Plan:
+    """The bound check on real inputs: B, tau_k(n), beta, the degree and rank that poly needs for
+    ``tol``, flops of exact vs poly, and the verdict (``plan.passed``). Returns the Plan that
+    ``backend="auto"`` would run; keywords are as in ``attention``."""
     spec_obj = get_spec(spec)
-    options = resolve_options(spec_obj, spec_options)
+    request, spec_options = Request.from_call(spec_obj, **options)
     if v is None:
         # the check needs no values: plan with unit values under the default value einsum
         spec_obj = Spec(spec_obj.name, spec_obj.score, positional=spec_obj.positional, options=spec_obj.options)
@@ -170,5 +154,4 @@ def check_bounds(
         v = [torch.ones(*tuple(np.shape(x))[: np.ndim(x) - len(f)], 1)
              for x, f in zip(keys, spec_obj.score_einsum.features[1:])]
         v = v[0] if spec_obj.order == 2 else v
-    ops = prepare(spec_obj, q, k, v, causal=causal, scale=scale, options=options)
-    return _plan_for(ops, "auto", tol, "raise")
+    return plan_for(prepare(spec_obj, q, k, v, request, spec_options), request)

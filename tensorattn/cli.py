@@ -177,7 +177,7 @@ def _check(args: argparse.Namespace) -> int:
         plan = ta.plan(spec, n=args.n, m=args.m, d=args.d, bound=args.B, tol=args.tol,
                        scale=_resolve_scale(args.scale, D), causal=args.causal, **options)
     print(plan)
-    max_rank = int(plan.options.get("max_rank", 1 << 21))
+    max_rank = plan.request.max_rank
     k = plan.order
     n_max = max(plan.n, *plan.ms)
     if not plan.passed:
@@ -186,7 +186,7 @@ def _check(args: argparse.Namespace) -> int:
               "Use backend='exact' (or 'auto').")
         return EXIT_REFUSED
     if plan.certificate is None:
-        print(f"poly: REFUSED. No degree <= max_degree = {plan.options.get('max_degree')} certifies "
+        print(f"poly: REFUSED. No degree <= max_degree = {plan.request.max_degree} certifies "
               f"tol = {plan.tol:g} at beta = {plan.beta:.4g}.")
         return EXIT_REFUSED
     if plan.rank > max_rank:

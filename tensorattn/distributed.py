@@ -2,12 +2,12 @@
 
 Each rank of a process group holds a contiguous shard of positions of q, k and v (rank order is
 position order) and gets back its shard of the output. Nothing here computes attention itself:
-validation is ``inputs.prepare`` with the shard's global offsets, the plan is ``make_plan`` on the
+validation is ``inputs.prepare`` with the shard's global offsets, the plan is ``plan_for`` on the
 global sizes and the all-reduced operand maxima (so every rank picks the same degree), and the
 math runs in the existing engines:
 
 * ``poly``: the factorized engine of backends/poly.py. Its per-slot key statistics
-  S_m = U_m^T [v_m | 1] (r x (e+1), DESIGN 5.1) are sums over key positions, so the global S_m is
+  S_m = U_m^T [v_m | 1] (r x (e+1)) are sums over key positions, so the global S_m is
   the sum of the ranks' partial sums: one all_reduce for non-causal attention. Causal attention adds
   the exclusive prefix of the other ranks' totals (an all_gather) to the local prefix states. The
   traffic is O(r e) per rank, independent of n.
@@ -30,12 +30,13 @@ from typing import Any, Iterator
 import torch
 import torch.distributed as dist
 
-from .api import AttentionInfo, _plan_for
+from .api import AttentionInfo
 from .backends.exact import TileEngine, stream_forward
 from .backends.poly import polynomial_engine
 from .errors import InputError
-from .inputs import Operands, prepare, resolve_options
-from .plan.bounds import OperandMaxima, operand_maxima
+from .inputs import Operands, prepare
+from .planning import OperandMaxima, operand_maxima, plan_for
+from .request import Request
 from .spec import Spec, get_spec
 
 #: backends that have a sequence-parallel implementation here
@@ -190,26 +191,26 @@ class ShardLayout:
         return tuple(sum(lengths) for lengths in self.k_lengths)
 
 
-def _call_signature(spec: Spec, backend, causal, scale, tol, on_unbounded, options: dict) -> tuple:
+def _call_signature(spec: Spec, request: Request, options: dict) -> tuple:
     """What every rank must agree on; tensors are compared by shape only."""
     opts = tuple(sorted(
         (k, tuple(v.shape) if isinstance(v, torch.Tensor) else repr(v)) for k, v in options.items()
     ))
     return (
-        ("spec", (spec.name, spec.score, spec.value, spec.positional)), ("backend", backend),
-        ("causal", bool(causal)), ("scale", repr(scale)), ("tol", repr(tol)),
-        ("on_unbounded", on_unbounded), ("options", opts),
+        ("spec", (spec.name, spec.score, spec.value, spec.positional)),
+        *((f, repr(getattr(request, f))) for f in Request.names()), ("options", opts),
     )
 
 
-def _local_description(spec_arg, q, k, v, *, backend, causal, scale, tol, on_unbounded,
-                       spec_options) -> tuple[dict, Operands | None, BaseException | None]:
+def _local_description(spec_arg, q, k, v, call: dict[str, Any]
+                       ) -> tuple[dict, tuple | None, BaseException | None]:
     """Validate this rank's shard alone; never raise, so that every rank reaches the handshake."""
     try:
         spec = get_spec(spec_arg)
-        if backend not in DISTRIBUTED_BACKENDS:
+        request, options = Request.from_call(spec, **call)
+        if request.backend not in DISTRIBUTED_BACKENDS:
             raise InputError(
-                f"backend={backend!r} has no sequence-parallel implementation; "
+                f"backend={request.backend!r} has no sequence-parallel implementation; "
                 f"ta.distributed.attention supports {', '.join(map(repr, DISTRIBUTED_BACKENDS))}"
             )
         if not spec.separable or spec.positional == "relative":
@@ -218,26 +219,25 @@ def _local_description(spec_arg, q, k, v, *, backend, causal, scale, tol, on_unb
                 "ta.distributed.attention: its position matrices W[i-j] span every shard. Use 'rope' "
                 "or a separable spec, or ta.attention on one process"
             )
-        if spec_options.get("q_offset") is not None:
+        if request.q_offset is not None:
             raise InputError(
-                f"q_offset={spec_options['q_offset']!r} cannot be passed to ta.distributed.attention: "
+                f"q_offset={request.q_offset!r} cannot be passed to ta.distributed.attention: "
                 "each rank's query offset is the global position of its shard (the sum of the "
                 "shard lengths of lower ranks)"
             )
-        options = resolve_options(spec, spec_options)
-        ops = prepare(spec, q, k, v, causal=False, scale=scale, options=options)
-        if ops.requires_grad:
+        ops = prepare(spec, q, k, v, replace(request, causal=False), options)
+        if ops.tracks_grad or request.need_grad:
             raise InputError(
                 "ta.distributed.attention computes the forward pass only (no backward across "
                 "ranks yet), but an input requires grad. Fix: call it under torch.no_grad(), or "
                 "train with ta.attention on one process"
             )
         meta = dict(
-            error=None, signature=_call_signature(spec, backend, causal, scale, tol, on_unbounded, options),
+            error=None, signature=_call_signature(spec, request, options),
             lead=ops.lead, n=ops.n, ms=ops.ms, sizes=ops.sizes, value_sizes=ops.value_sizes,
             dtype=str(ops.dtype), device=ops.device.type,
         )
-        return meta, ops, None
+        return meta, (spec, request, options), None
     except Exception as exc:  # shipped to every rank by the handshake, re-raised there
         return dict(error=f"{type(exc).__name__}: {exc}"), None, exc
 
@@ -302,7 +302,7 @@ def _check_shards(metas: list[dict], causal: bool) -> ShardLayout:
 
 
 def _poly(plan, ops: Operands, comm: _Comm, layout: ShardLayout) -> torch.Tensor:
-    """Factorized attention with the key statistics summed over ranks (DESIGN 5.1)."""
+    """Factorized attention with the key statistics summed over ranks."""
     engine = polynomial_engine(plan, ops)
     nk = ops.order - 1
     states = [engine.key_state(s) for s in range(nk)]  # (Z, r, e_m + 1) each
@@ -377,7 +377,7 @@ def _merge(acc, out_b: torch.Tensor, lse_b: torch.Tensor):
     return out_a * wa + out_b * wb, lse
 
 
-def _exact_ring(ops: Operands, comm: _Comm, layout: ShardLayout) -> torch.Tensor:
+def _exact_ring(ops: Operands, comm: _Comm, layout: ShardLayout, budget_bytes: int) -> torch.Tensor:
     """Ring attention: each key slot's blocks circulate (nested rings for order > 2)."""
     nk = ops.order - 1
     q_last = ops.q_offset + ops.n - 1
@@ -397,10 +397,11 @@ def _exact_ring(ops: Operands, comm: _Comm, layout: ShardLayout) -> torch.Tensor
             if ops.causal and any(off > q_last for off in offsets):
                 return  # every key of this block is in the future of every local query
             block = replace(
-                ops, keys=[k for _, k, _ in chosen], values=[v for _, _, v in chosen],
+                ops, keys=tuple(k for _, k, _ in chosen), values=tuple(v for _, _, v in chosen),
                 ms=tuple(layout.k_lengths[s][src] for s, src in enumerate(srcs)), k_offsets=offsets,
             )
-            out_b, lse_b = stream_forward(TileEngine(block), ops.q, block.keys, block.values, None)
+            out_b, lse_b = stream_forward(TileEngine(block, budget_bytes), ops.q, list(block.keys),
+                                          list(block.values), None)
             acc = _merge(acc, out_b, lse_b)
             return
         for src, buf in _ring(comm, _pack(ops, slot), sizes[slot], tag=slot, pipeline=ops.causal):
@@ -439,34 +440,29 @@ def attention(
     global plan (global n, flops of the whole call). Forward only: inputs must not require grad.
     """
     comm = _communicator(group)
-    meta, local, exc = _local_description(
-        spec, q, k, v, backend=backend, causal=causal, scale=scale, tol=tol,
-        on_unbounded=on_unbounded, spec_options=spec_options,
-    )
+    meta, local, exc = _local_description(spec, q, k, v, dict(
+        backend=backend, causal=causal, scale=scale, tol=tol, on_unbounded=on_unbounded, **spec_options))
     # the handshake is collective, so a bad shard on one rank raises on every rank (no hang)
     metas = comm.all_gather_object(meta)
     if exc is not None:
         raise exc
     layout = _check_shards(metas, causal)
     assert local is not None
+    spec_obj, request, options = local
     r = comm.rank
-    ops = prepare(
-        local.spec, q, k, v, causal=causal, scale=scale,
-        options={**local.options, "q_offset": layout.q_start(r)}, k_offset=layout.k_start(0, r),
-    )
-    ops.k_offsets = tuple(layout.k_start(s, r) for s in range(ops.order - 1))
+    request = replace(request, q_offset=layout.q_start(r))
+    nk = spec_obj.order - 1
+    ops = prepare(spec_obj, q, k, v, request, options, k_offsets=tuple(layout.k_start(s, r) for s in range(nk)))
     # global statistics: every bound is a max over tokens, so the max over ranks is exact
     maxima = torch.tensor(operand_maxima(ops).flat(), dtype=torch.float64, device=ops.q.device)
     comm.all_reduce(maxima, dist.ReduceOp.MAX, "plan_maxima")
-    plan = _plan_for(
-        ops, backend, tol, on_unbounded,
-        maxima=OperandMaxima.from_flat(maxima.tolist(), ops.order), n=layout.n, ms=layout.ms,
-    )
+    plan = plan_for(ops, request, maxima=OperandMaxima.from_flat(maxima.tolist(), ops.order), n=layout.n,
+                    ms=layout.ms)
     with torch.no_grad():
         if plan.backend == "poly":
             out = _poly(plan, ops, comm, layout)
         else:
-            out = _exact_ring(ops, comm, layout)
+            out = _exact_ring(ops, comm, layout, request.memory_budget)
     result = ops.restore(out)
     if return_info:
         return result, AttentionInfo.from_plan(plan)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import difflib
+from typing import Iterable
+
 
 class TensorAttnError(ValueError):
     """Base class of every error raised by tensorattn for bad specs, inputs or bounds."""
@@ -19,6 +22,12 @@ class BoundError(TensorAttnError):
     """The polynomial method cannot certify the requested accuracy for these inputs."""
 
 
-def closest_names(name: str, valid) -> str:
-    """Format the list of valid names for an 'unknown name' message."""
-    return ", ".join(repr(v) for v in sorted(valid))
+def valid_names(name: object, valid: Iterable[str]) -> str:
+    """'did you mean ...' (close matches by ``difflib``) followed by every valid name, for an
+    'unknown name' message."""
+    names = sorted(valid)
+    close = difflib.get_close_matches(name, names, n=3) if isinstance(name, str) else []
+    listing = ", ".join(repr(v) for v in names)
+    if close:
+        return f"{listing} (did you mean {' or '.join(repr(c) for c in close)}?)"
+    return listing

@@ -14,7 +14,7 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 @pytest.fixture
 def restore_registry():
     """Snapshot the spec and backend registries; restore them even if the test fails."""
-    from tensorattn.backends.base import BACKENDS
+    from tensorattn.registry import BACKENDS
     from tensorattn.spec.registry import _registry
 
     specs, backends = dict(_registry()), dict(BACKENDS)

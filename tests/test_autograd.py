@@ -94,16 +94,15 @@ def _split(spec, xs):
 def _poly_with_fixed_plan(spec, leaves, *, causal, tol):
     """The poly backend with its plan (degree, coefficients) computed once from ``leaves``: the
     surrogate is then one fixed smooth function, whose exact gradient gradcheck can check."""
-    from tensorattn.api import _plan_for
-    from tensorattn.inputs import prepare, resolve_options
+    from tensorattn.inputs import prepare
 
     spec = ta.get_spec(spec)
-    options = resolve_options(spec, {"need_grad": True})
+    request = ta.Request(backend="poly", tol=tol, on_unbounded="ignore", causal=causal, need_grad=True)
 
     def ops_of(xs):
-        return prepare(spec, *_split(spec, xs), causal=causal, scale=None, options=options)
+        return prepare(spec, *_split(spec, xs), request)
 
-    plan = _plan_for(ops_of(leaves), "poly", tol, "ignore")
+    plan = ta.plan_for(ops_of(leaves), request)
     assert plan.backend == "poly"
 
     def f(*xs):
@@ -246,7 +245,7 @@ def test_derivative_error_bounds_measured(approx, beta):
 
 
 def test_need_grad_meets_tol_and_costs_few_degrees():
-    from tensorattn.plan.certificate import choose_certificate
+    from tensorattn.planning.certificate import choose_certificate
 
     for beta in [0.5, 1.0, 2.0, 4.0]:
         plain = choose_certificate(Chebyshev(), beta, 1e-3, 8, 256, 2, input_dtype="float32", max_degree=40)
@@ -280,7 +279,7 @@ def _grad_errors(spec, q, k, v, *, causal, tol, seed=0, **opts):
         grads[backend] = [x.grad for x in leaves]
         if backend == "poly":
             info = inf
-    bounds = ta.grad_error_bound(info, dO, by_input=True)
+    bounds = ta.grad_bound_for(info, dO, by_input=True)
     errors = {name: float((ge - gp).abs().max())
               for name, ge, gp in zip(info.grad.names, grads["exact"], grads["poly"])}
     return errors, bounds, info
@@ -346,15 +345,15 @@ def test_grad_error_bound_api():
     leaves = _leaves(q, k, v)
     out, info = _call("triple", leaves, backend="poly", tol=1e-2, on_unbounded="ignore", return_info=True)
     dO = torch.ones_like(out)
-    by = ta.grad_error_bound(info, dO, by_input=True)
+    by = ta.grad_bound_for(info, dO, by_input=True)
     assert list(by) == ["q", "k[0]", "k[1]", "v[0]", "v[1]"]
-    total = ta.grad_error_bound(info, dO)
+    total = ta.grad_bound_for(info, dO)
     assert total == max(by.values()) <= info.grad_error_bound * out.shape[-1] + 1e-15
     # linear in the upstream gradient; numpy d_out works too
-    assert math.isclose(ta.grad_error_bound(info, 3 * dO.numpy()), 3 * total, rel_tol=1e-12)
-    assert ta.grad_error_bound(info, torch.zeros_like(out)) == 0.0
+    assert math.isclose(ta.grad_bound_for(info, 3 * dO.numpy()), 3 * total, rel_tol=1e-12)
+    assert ta.grad_bound_for(info, torch.zeros_like(out)) == 0.0
     _, exact_info = _call("triple", leaves, backend="exact", return_info=True)
-    assert exact_info.grad_error_bound == 0.0 and ta.grad_error_bound(exact_info, dO) == 0.0
+    assert exact_info.grad_error_bound == 0.0 and ta.grad_bound_for(exact_info, dO) == 0.0
 
 
 @pytest.mark.skipif(not getattr(ta.BACKENDS["poly"], "supports_relative", False), reason="no relative poly")

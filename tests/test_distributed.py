@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 import tensorattn as ta
 from tensorattn.backends.exact import TileEngine, stream_forward
 from tensorattn.distributed import _merge
-from tensorattn.inputs import prepare, resolve_options
+from tensorattn.inputs import prepare
 from tensorattn.testing import random_inputs, reference_attention
 
 pytestmark = pytest.mark.skipif(
@@ -236,12 +236,14 @@ def test_log_sum_exp_merge_of_key_blocks_is_one_softmax(n, cuts, causal, seed):
     bounds = sorted({0, m, *[c for c in cuts if c < m]})
     q, k, v = random_inputs("pairwise", n=n, m=m, d=4, dtype=np.float64, seed=seed)
     spec = ta.get_spec("pairwise")
-    ops = prepare(spec, q, k, v, causal=causal, scale=None, options=resolve_options(spec, {}))
+    request = ta.Request(causal=causal)
+    ops = prepare(spec, q, k, v, request)
     acc = None
     for a, b in zip(bounds, bounds[1:]):
-        block = replace(ops, keys=[ops.keys[0][:, a:b]], values=[ops.values[0][:, a:b]], ms=(b - a,),
+        block = replace(ops, keys=(ops.keys[0][:, a:b],), values=(ops.values[0][:, a:b],), ms=(b - a,),
                         k_offsets=(a,))
-        acc = _merge(acc, *stream_forward(TileEngine(block), ops.q, block.keys, block.values, None))
+        engine = TileEngine(block, request.memory_budget)
+        acc = _merge(acc, *stream_forward(engine, ops.q, list(block.keys), list(block.values), None))
     want = reference_attention(q, k, v, causal=causal)
     assert np.abs(acc[0].numpy() - want).max() <= 1e-12
 

@@ -148,19 +148,15 @@ def test_auto_picks_exact_for_tiny_n_and_poly_for_large():
     assert np.abs(out[:64] - exact_rows).max() <= info.error_bound
 
 
-def test_poly_refuses_relative_until_supported_or_runs():
-    from tensorattn.backends import BACKENDS
+def test_poly_serves_relative_through_the_fft_path():
     from tensorattn.testing import random_rel
 
     q, k, v = random_inputs("pairwise", n=8, d=2, dtype=np.float64)
     W = random_rel(8, 8, 2)
-    if BACKENDS["poly"].supports_relative:
-        out, info = ta.attention(q, k, v, spec="relative", rel=W, backend="poly", on_unbounded="ignore",
-                                 return_info=True)
-        assert np.abs(out - reference_attention(q, k, v, spec="relative", rel=W)).max() <= info.error_bound
-    else:
-        with pytest.raises(ta.InputError, match="use backend='exact'"):
-            ta.attention(q, k, v, spec="relative", rel=W, backend="poly")
+    out, info = ta.attention(q, k, v, spec="relative", rel=W, backend="poly", on_unbounded="ignore",
+                             return_info=True)
+    assert info.plan.relative is not None and info.backend == "poly"
+    assert np.abs(out - reference_attention(q, k, v, spec="relative", rel=W)).max() <= info.error_bound
 
 
 def test_half_precision_poly_upcasts():

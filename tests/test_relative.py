@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import tensorattn as ta
-from tensorattn.plan.relative import toeplitz_terms
+from tensorattn.planning.relative import toeplitz_terms
 from tensorattn.testing import random_inputs, random_rel, reference_attention
 
 
@@ -222,7 +222,7 @@ def test_relative_nan_in_w():
 @pytest.mark.parametrize("bad", [-1, 1.5, True, "2"])
 def test_q_offset_must_be_a_non_negative_int(bad):
     q, k, v = random_inputs("rope", n=3, m=5, d=2)
-    with pytest.raises(ta.InputError, match="q_offset=.* must be a non-negative int"):
+    with pytest.raises(ta.InputError, match="q_offset=.* must be an int >= 0"):
         ta.attention(q, k, v, spec="rope", q_offset=bad, causal=True)
 
 

@@ -1,4 +1,4 @@
-"""Symmetric tensor-power feature maps built from index tables (DESIGN 5.1).
+"""Symmetric tensor-power feature maps built from index tables (docs/design.md#the-polynomial-method).
 
 A score s = sum_I prod_m x_m[I] over D index tuples has s^t = sum_{|alpha|=t} (t!/alpha!) prod_m
 x_m^alpha, where alpha runs over multisets of size t of the D coordinates. Each operand therefore
@@ -116,7 +116,12 @@ def feature_map(x: torch.Tensor, g: int) -> torch.Tensor:
 
 
 def query_weights(coeffs: np.ndarray, scale: float, D: int, g: int) -> np.ndarray:
-    """Per-monomial weight c_t * scale^t * t!/alpha!, all on the query side (DESIGN 5.1)."""
+    """Per-monomial weight c_t * scale^t * t!/alpha!, all on the query side."""
     tab = monomial_tables(D, g)
     ct = np.asarray(coeffs, np.float64) * float(scale) ** np.arange(g + 1)
     return ct[tab.degree] * tab.multinomial
+
+
+def augment(v: torch.Tensor) -> torch.Tensor:
+    """[v | 1]: one GEMM gives the numerator statistics and the normalizer."""
+    return torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)

@@ -15,7 +15,7 @@ from functools import lru_cache
 import numpy as np
 from scipy import special
 
-from ..errors import InputError, closest_names
+from ..errors import InputError, valid_names
 
 U64 = np.finfo(np.float64).eps / 2
 #: relative accuracy we assume for scipy's modified Bessel functions (documented ~1e-15).
@@ -215,5 +215,5 @@ def get_approximant(name: str | Approximant) -> Approximant:
         return APPROXIMANTS[name]
     except KeyError:
         raise InputError(
-            f"unknown approximant {name!r}; valid approximants are {closest_names(name, APPROXIMANTS)}"
+            f"unknown approximant {name!r}; valid approximants are {valid_names(name, APPROXIMANTS)}"
         ) from None

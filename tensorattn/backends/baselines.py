@@ -24,40 +24,11 @@ import torch
 from ..approx.features import feature_map, query_weights, rank_for
 from ..errors import InputError
 from ..inputs import Operands
-from .base import BACKENDS, Backend
+from ..registry import Backend, Refusal
 from .poly import FactorizedAttention, expand_operand
 
-#: FAVOR+ feature count when ``features=`` is not given (Performer's usual m for d = 64 heads)
-DEFAULT_FAVOR_FEATURES = 256
 #: the degree-2 Taylor coefficients of exp: 1 + s + s^2 / 2
 TAYLOR2_COEFFS = np.array([1.0, 1.0, 0.5])
-
-
-def backends_serving(ops: Operands) -> list[str]:
-    """Names of the registered backends that can serve ``ops.spec`` (for error messages)."""
-    names = []
-    for name, impl in BACKENDS.items():
-        if name == "poly" and not (ops.spec.separable or getattr(impl, "supports_relative", False)):
-            continue
-        if isinstance(impl, Baseline):
-            if impl.why_not(ops) is None:
-                names.append(name)
-            continue
-        try:
-            impl.check(ops)
-        except InputError:
-            continue
-        names.append(name)
-    return names
-
-
-def _refuse(backend: str, ops: Operands, why: str) -> InputError:
-    others = ", ".join(repr(n) for n in backends_serving(ops))
-    return InputError(
-        f"backend={backend!r} cannot serve spec {ops.spec.name!r} (order {ops.order}, score "
-        f"{ops.spec.score!r}{', positional=' + repr(ops.spec.positional) if ops.spec.positional else ''}): "
-        f"{why}. Backends that can: {others}"
-    )
 
 
 def _expanded(ops: Operands, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,51 +39,33 @@ def _expanded(ops: Operands, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Te
     return q, k
 
 
-def _order2_reason(ops: Operands) -> str | None:
-    if not ops.spec.separable:
-        return "its score depends on i - j through W, so it is not a dot product of per-token vectors"
-    if ops.order != 2:
-        return f"it computes pairwise softmax(q k^T) only, and this spec has {ops.order - 1} key slots"
+def _order2_refusal(spec) -> Refusal | None:
+    if not spec.separable:
+        return Refusal("its score depends on i - j through W, so it is not a dot product of per-token vectors")
+    if spec.order != 2:
+        return Refusal(f"it computes pairwise softmax(q k^T) only, and this spec has {spec.order - 1} key slots")
     return None
 
 
-def _int_option(ops: Operands, name: str, default: int, minimum: int) -> int:
-    value = ops.options.get(name)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise InputError(f"{name}={value!r} must be an int >= {minimum}")
-    return int(value)
-
-
-class Baseline(Backend):
-    """A baseline says why it cannot serve a spec (``why_not``); ``check`` turns that into an error."""
-
-    def why_not(self, ops: Operands) -> str | None:  # pragma: no cover - abstract
-        raise NotImplementedError
-
-    def check(self, ops: Operands) -> None:
-        why = self.why_not(ops)
-        if why is not None:
-            raise _refuse(self.name, ops, why)
-
-
-class SDPABackend(Baseline):
+class SDPABackend(Backend):
     """torch ``scaled_dot_product_attention`` over query chunks (exact softmax, no certificate)."""
 
     name = "sdpa"
 
-    def why_not(self, ops: Operands) -> str | None:
-        ve = ops.spec.value_einsum
-        if _order2_reason(ops) is None and (ve.summed or tuple(ve.value_letters[0]) != tuple(ve.out_letters)):
-            return f"its value einsum {ops.spec.value!r} is not out_i = sum_j p_ij v_j"
-        return _order2_reason(ops)
+    def serves(self, spec, problem) -> bool | Refusal:
+        refusal = _order2_refusal(spec)
+        if refusal is not None:
+            return refusal
+        ve = spec.value_einsum
+        if ve.summed or tuple(ve.value_letters[0]) != tuple(ve.out_letters):
+            return Refusal(f"its value einsum {spec.value!r} is not out_i = sum_j p_ij v_j")
+        return True
 
     def run(self, plan, ops: Operands) -> torch.Tensor:
         q, k = _expanded(ops, ops.dtype)
         Z, n, m = q.shape[0], ops.n, ops.ms[0]
         v = ops.values[0].reshape(Z, m, -1)
-        budget = int(ops.options.get("memory_budget", 64 << 20))
+        budget = plan.request.memory_budget
         # the score block (and, when causal, its mask) is the only n x m sized intermediate
         per_row = m * q.element_size() * (3 if ops.causal else 2)
         z_chunk = max(1, min(Z, budget // max(1, per_row * n)))
@@ -152,24 +105,19 @@ def orthogonal_gaussian(rows: int, D: int, seed: int) -> torch.Tensor:
     return w * norms[:, None]
 
 
-class FavorBackend(Baseline):
+class FavorBackend(Backend):
     """Performer FAVOR+: exp(<x, y>) = E_w[phi(x) phi(y)] with phi(x) = exp(w.x - |x|^2/2)/sqrt(r),
     w orthogonal Gaussian (Choromanski et al. 2021, Lemma 1). Options: ``features`` (rank r,
     default 256) and ``seed`` (the random features are a deterministic function of it)."""
 
     name = "favor"
 
-    def why_not(self, ops: Operands) -> str | None:
-        return _order2_reason(ops)
-
-    def check(self, ops: Operands) -> None:
-        super().check(ops)
-        _int_option(ops, "features", DEFAULT_FAVOR_FEATURES, 1)
-        _int_option(ops, "seed", 0, 0)
+    def serves(self, spec, problem) -> bool | Refusal:
+        refusal = _order2_refusal(spec)
+        return True if refusal is None else refusal
 
     def run(self, plan, ops: Operands) -> torch.Tensor:
-        rank = _int_option(ops, "features", DEFAULT_FAVOR_FEATURES, 1)
-        seed = _int_option(ops, "seed", 0, 0)
+        rank, seed = plan.request.features, plan.request.seed
         dtype = ops.dtype
         D = ops.D
         w = orthogonal_gaussian(rank, D, seed).to(device=ops.q.device, dtype=dtype)
@@ -179,7 +127,7 @@ class FavorBackend(Baseline):
         _, k = _expanded(ops, dtype)
         # Performer's key stabilizer: one global constant (it cancels in the normalization) taken
         # over every key, so no key feature overflows; queries use a per-row constant.
-        key_shift = self._key_shift(k * (sign * root), w, ops)
+        key_shift = self._key_shift(k * (sign * root), w, plan.request.memory_budget)
 
         def project(x: torch.Tensor) -> torch.Tensor:
             return x @ w.T - 0.5 * (x * x).sum(-1, keepdim=True)
@@ -191,7 +139,8 @@ class FavorBackend(Baseline):
         def key_features(x: torch.Tensor) -> torch.Tensor:
             return torch.exp(project(x * (sign * root)) - key_shift)
 
-        engine = FactorizedAttention.from_ops(ops, query_features, key_features, rank, dtype)
+        engine = FactorizedAttention.from_ops(ops, query_features, key_features, rank, dtype,
+                                              plan.request.memory_budget)
         out = engine.run()
         if not bool(torch.isfinite(out).all()):
             raise InputError(
@@ -202,8 +151,8 @@ class FavorBackend(Baseline):
         return out
 
     @staticmethod
-    def _key_shift(k: torch.Tensor, w: torch.Tensor, ops: Operands) -> torch.Tensor:
-        budget = max(1, int(ops.options.get("memory_budget", 64 << 20)) // (k.element_size() * w.shape[0] * 2))
+    def _key_shift(k: torch.Tensor, w: torch.Tensor, budget_bytes: int) -> torch.Tensor:
+        budget = max(1, budget_bytes // (k.element_size() * w.shape[0] * 2))
         chunk = max(1, budget // max(1, k.shape[0]))
         shift = torch.tensor(float("-inf"), dtype=k.dtype, device=k.device)
         with torch.no_grad():
@@ -214,16 +163,16 @@ class FavorBackend(Baseline):
         return shift
 
 
-class Taylor2Backend(Baseline):
+class Taylor2Backend(Backend):
     """Degree-2 Taylor kernel 1 + s + s^2/2 (always >= 1/2, so the normalizer never vanishes) with
     symmetric features of rank C(D+2, 2); the same function as [1, x, x (x) x / sqrt 2]."""
 
     name = "taylor2"
 
-    def why_not(self, ops: Operands) -> str | None:
-        if not ops.spec.separable:
-            return "its score depends on i - j through W, so it has no per-token feature map"
-        return None
+    def serves(self, spec, problem) -> bool | Refusal:
+        if not spec.separable:
+            return Refusal("its score depends on i - j through W, so it has no per-token feature map")
+        return True
 
     def run(self, plan, ops: Operands) -> torch.Tensor:
         dtype = ops.dtype
@@ -234,17 +183,10 @@ class Taylor2Backend(Baseline):
             key_features=lambda x: feature_map(x, 2),
             rank=rank_for(ops.D, 2),
             dtype=dtype,
+            budget_bytes=plan.request.memory_budget,
             query_weights=w,  # folded into the combined statistics, as poly does
         )
         return engine.run()
 
 
-__all__ = [
-    "Baseline",
-    "DEFAULT_FAVOR_FEATURES",
-    "FavorBackend",
-    "SDPABackend",
-    "Taylor2Backend",
-    "backends_serving",
-    "orthogonal_gaussian",
-]
+__all__ = ["FavorBackend", "SDPABackend", "Taylor2Backend", "orthogonal_gaussian"]

@@ -3,7 +3,7 @@
 Forward streams over tiles of (query chunk) x (key block per slot) with a running max and sum per
 row (log-sum-exp). Backward recomputes each tile, as flash attention does, so training memory also
 stays O(n * block): with the saved per-row log-sum-exp L_i and D_i = <dO_i, out_i>, the gradient of
-one tile is the gradient of  sum <dO, p V> - sum D_i p  with p = exp(s - L) (DESIGN 2, 6).
+one tile is the gradient of  sum <dO, p V> - sum D_i p  with p = exp(s - L).
 """
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ from functools import lru_cache
 import opt_einsum
 import torch
 
-from ..inputs import Operands, relative_offsets
-from .base import Backend
+from ..inputs import Operands
+from ..positional import alibi_bias, relative_offsets
+from ..registry import Backend
 
 
 @lru_cache(maxsize=512)
@@ -32,14 +33,14 @@ def contract(expr: str, *tensors: torch.Tensor) -> torch.Tensor:
 class TileEngine:
     """Score, mask and value contraction for one tile; shared by forward and backward."""
 
-    def __init__(self, ops: Operands):
+    def __init__(self, ops: Operands, budget_bytes: int):
         spec = ops.spec
         se, ve = spec.score_einsum, spec.value_einsum
         self.ops = ops
         self.order = spec.order
         self.scale = ops.scale
         self.relative = spec.positional == "relative"
-        self.slope = ops.options.get("alibi_slope") if self.relative else None
+        self.slope = ops.alibi_slope if self.relative else 0.0
         self.score_expr = ",".join("..." + op for op in se.operands) + "->..." + se.output
         self.value_expr = (
             "..." + se.output + "," + ",".join("..." + op for op in ve.operands) + "->..." + ve.output
@@ -53,7 +54,7 @@ class TileEngine:
         tuples = math.prod(self.key_block)
         per_tuple = 4 + (ops.sizes["d"] ** 2 if self.relative else 0)
         elem = ops.q.element_size()
-        budget = max(1, int(ops.options.get("memory_budget", 64 << 20)) // (elem * per_tuple * tuples))
+        budget = max(1, int(budget_bytes) // (elem * per_tuple * tuples))
         Z = ops.q.shape[0]
         self.query_chunk = max(1, min(ops.n, budget))
         self.batch_chunk = max(1, min(Z, budget // self.query_chunk))
@@ -72,10 +73,10 @@ class TileEngine:
         if self.relative:
             qp = self.q_pos[i0: i0 + q.shape[1]]
             kp = self.k_pos[0][spans[0][0]: spans[0][1]]
-            idx = relative_offsets(self.ops, qp, kp)
+            idx = relative_offsets(self.ops.ms[0], qp, kp)
             s = contract("...ia,ijab,...jb->...ij", q, rel[idx], ks[0]) * self.scale
             if self.slope:
-                s = s - float(self.slope) * (qp[:, None] - kp[None, :]).abs().to(s.dtype)
+                s = s + alibi_bias(self.slope, qp, kp, s.dtype)
         else:
             s = contract(self.score_expr, q, *ks) * self.scale
         if self.causal:
@@ -190,12 +191,11 @@ class ExactBackend(Backend):
     certified = True
 
     def run(self, plan, ops: Operands) -> torch.Tensor:
-        engine = TileEngine(ops)
+        engine = TileEngine(ops, plan.request.memory_budget)
         nk = ops.order - 1
-        args = [ops.q, *ops.keys, *ops.values] + ([ops.rel] if ops.rel is not None else [])
+        args = ops.tensors
         # need_grad=False only skips the gradient-aware degree choice; it never detaches the output
-        tracked = torch.is_grad_enabled() and any(t.requires_grad for t in args)
-        if tracked or ops.requires_grad:
+        if ops.tracks_grad:
             return ExactAttentionFunction.apply(engine, nk, *args)
         with torch.no_grad():
-            return stream_forward(engine, ops.q, ops.keys, ops.values, ops.rel)[0]
+            return stream_forward(engine, ops.q, list(ops.keys), list(ops.values), ops.rel)[0]

@@ -1,4 +1,4 @@
-"""Polynomial-method backend for every separable spec (DESIGN 5.1).
+"""Polynomial-method backend for every separable spec (docs/design.md#the-polynomial-method).
 
 exp(s) is replaced by the certified polynomial P(s) = sum_t c_t s^t chosen by the plan. With
 phi the symmetric tensor-power feature map of each slot's expanded D-vector and all coefficients on
@@ -23,11 +23,12 @@ from typing import Callable
 
 import torch
 
-from ..approx.features import feature_map, query_weights
+from ..approx.features import augment, feature_map, query_weights
 from ..approx.polynomials import get_approximant
 from ..inputs import Operands
-from .base import Backend
+from ..registry import Backend, Refusal
 from .exact import contract
+from .relative_fft import relative_attention
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 FeatureFn = Callable[[torch.Tensor], torch.Tensor]
@@ -43,14 +44,9 @@ def expand_operand(t: torch.Tensor, feats: str, contracted: tuple[str, ...], siz
     return t.reshape(shape).expand(full).reshape(Z, N, math.prod(full[2:]))
 
 
-def augment(v: torch.Tensor) -> torch.Tensor:
-    """[v | 1]: one GEMM gives the numerator statistics and the normalizer."""
-    return torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)
-
-
 @dataclass
 class FactorizedAttention:
-    """out_i = U_q[i] . combine_m(U_m^T [v_m | 1]) for any feature maps (DESIGN 5.1).
+    """out_i = U_q[i] . combine_m(U_m^T [v_m | 1]) for any feature maps.
 
     ``xs`` are the expanded operands (query first, (Z, N, D) each), ``values`` the flattened values
     (Z, m, e_m), ``query_features`` / ``key_features`` map (Z, c, D) chunks to (Z, c, r).
@@ -69,13 +65,14 @@ class FactorizedAttention:
 
     @classmethod
     def from_ops(cls, ops: Operands, query_features: FeatureFn, key_features: FeatureFn, rank: int,
-                 dtype: torch.dtype, query_weights: torch.Tensor | None = None) -> "FactorizedAttention":
+                 dtype: torch.dtype, budget_bytes: int,
+                 query_weights: torch.Tensor | None = None) -> "FactorizedAttention":
         se = ops.spec.score_einsum
         xs = [expand_operand(t.to(dtype), f, se.contracted, ops.sizes) for t, f in zip([ops.q, *ops.keys], se.features)]
         Z = ops.q.shape[0]
         values = [v.to(dtype).reshape(Z, v.shape[1], -1) for v in ops.values]
         shapes = [tuple(v.shape[2:]) for v in ops.values]
-        budget = int(ops.options.get("memory_budget", 64 << 20)) // (torch.finfo(dtype).bits // 8)
+        budget = int(budget_bytes) // (torch.finfo(dtype).bits // 8)
         return cls(ops, xs, values, shapes, query_features, key_features, rank, budget, query_weights)
 
     @property
@@ -201,27 +198,24 @@ def polynomial_engine(plan, ops: Operands) -> FactorizedAttention:
         key_features=lambda x: feature_map(x, g),
         rank=cert.rank,
         dtype=dtype,
+        budget_bytes=plan.request.memory_budget,
         query_weights=w,
     )
 
 
 class PolyBackend(Backend):
     """Certified polynomial-method attention for separable specs (pairwise, triple, order-k, rope,
-    custom einsum specs), causal or not."""
+    custom einsum specs) and, through FFT-Toeplitz products, spec ``relative``; causal or not."""
 
     name = "poly"
     certified = True
 
-    def __init__(self) -> None:
-        self.relative_impl = None  # set by the relative-position FFT module when registered
-
-    @property
-    def supports_relative(self) -> bool:
-        return self.relative_impl is not None
+    def serves(self, spec, problem) -> bool | Refusal:
+        if spec.separable or spec.positional == "relative":
+            return True
+        return Refusal("its score is not a sum of products of per-token factors")
 
     def run(self, plan, ops: Operands) -> torch.Tensor:
-        if not ops.spec.separable:
-            if self.relative_impl is None:  # pragma: no cover - the planner refuses earlier
-                raise NotImplementedError("relative poly")
-            return self.relative_impl(plan, ops)
+        if ops.spec.positional == "relative":
+            return relative_attention(plan, ops)
         return polynomial_engine(plan, ops).run()

@@ -1,6 +1,6 @@
-"""Relative-position attention by FFT-Toeplitz products (DESIGN 5.4; Alman & Song, Fast RoPE Attention).
+"""Relative-position attention by FFT-Toeplitz products (Alman & Song, Fast RoPE Attention).
 
-The plan (``tensorattn.plan.relative``) expands P(s_ij) = sum_mu w_mu x_mu(i) T_mu(i-j) y_mu(j) and
+The plan (``tensorattn.planning.relative``) expands P(s_ij) = sum_mu w_mu x_mu(i) T_mu(i-j) y_mu(j) and
 groups the terms into Toeplitz kernels H_{alpha beta}, one per (row multiset alpha, column multiset
 beta). With x_alpha, y_beta the degree-t monomials of q and k (``feature_map``) and u_beta = y_beta
 [v | 1], the numerator and normalizer of every query are
@@ -26,11 +26,10 @@ import torch
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from ..approx.features import feature_map, query_weights
+from ..approx.features import augment, feature_map, query_weights
 from ..approx.polynomials import get_approximant
 from ..inputs import Operands
-from ..plan.relative import DegreeTerms, toeplitz_terms
-from .poly import augment
+from ..planning.relative import DegreeTerms, toeplitz_terms
 
 _F64 = torch.float64
 
@@ -101,7 +100,7 @@ def degree_tiles(d: int, pairs: tuple[tuple[int, int], ...], g: int, t: int, max
 
 def toeplitz_factor(ops: Operands, length: int, slope: float, dtype: torch.dtype) -> torch.Tensor | None:
     """Causal mask and ALiBi as one Toeplitz factor over kk = i - j + m - 1, i.e. offset
-    delta = q_offset + kk - (m - 1) (DESIGN 5.4): [delta >= 0] exp(-slope |delta|)."""
+    delta = q_offset + kk - (m - 1): [delta >= 0] exp(-slope |delta|)."""
     if not ops.causal and not slope:
         return None
     delta = torch.arange(length, device=ops.q.device, dtype=dtype) + (ops.q_offset - (ops.ms[0] - 1))
@@ -155,7 +154,7 @@ def relative_attention(plan, ops: Operands) -> torch.Tensor:
     weights = torch.as_tensor(query_weights(coeffs, ops.scale, len(pairs), g), dtype=_F64, device=q.device)
     factor = toeplitz_factor(ops, L, float(rel.alibi_slope), _F64)
     xq, yk = feature_map(q, g), feature_map(k, g)  # (Z, n|m, C(d+g, g)), degree blocks in order
-    budget = max(1, int(ops.options.get("memory_budget", 64 << 20)) // 16)  # complex128 elements
+    budget = max(1, plan.request.memory_budget // 16)  # complex128 elements
     biggest = max(dt.n_alpha for dt in tables)
     z_chunk = max(1, min(Z, budget // (3 * biggest * c * F)))
     out = q.new_zeros(Z, n, c)

@@ -12,19 +12,14 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import replace
 
 import numpy as np
 import torch
 
 from .. import api
 from ..approx.features import rank_for
-from ..approx.polynomials import get_approximant
-from ..backends.poly import polynomial_engine
-from ..inputs import prepare, resolve_options
-from ..plan import plan as make_plan_for_sizes
-from ..plan import threshold
-from ..plan.certificate import certify
+from ..planning import plan as make_plan_for_sizes
+from ..planning import threshold
 from ..spec import get_spec
 from ..testing import random_inputs
 from .suites import Suite
@@ -38,16 +33,11 @@ def _as_args(q, k, v, order):
 
 
 def poly_at_degree(q, k, v, *, spec: str, degree: int, scale: float, dtype: str = "float64"):
-    """Poly with the degree forced (not chosen by tol): the plan's polynomial and certificate at
-    ``degree``, features in ``dtype``. Returns (out, certified bound on max|out - exact|)."""
-    spec_obj = get_spec(spec)
-    plan = api.check_bounds(q, k, v, spec=spec_obj, scale=scale)
-    ops = prepare(spec_obj, q, k, v, causal=False, scale=scale, options=resolve_options(spec_obj, {}))
-    cert = certify(get_approximant(plan.approximant), plan.beta, degree, ops.D, max(ops.ms), ops.order, dtype)
-    forced = replace(plan, backend="poly", certificate=cert, reason=f"degree forced to {degree}")
-    with torch.no_grad():
-        out = polynomial_engine(forced, ops).run()
-    return ops.restore(out), forced.error_bound
+    """Poly with the degree pinned (not chosen by tol) and features in ``dtype``, through the
+    public API. Returns (out, certified bound on max|out - exact| at that degree)."""
+    out, info = api.attention(q, k, v, spec=spec, backend="poly", scale=scale, degree=degree, feature_dtype=dtype,
+                              on_unbounded="ignore", return_info=True)
+    return out, info.error_bound
 
 
 def _max_err(a, b) -> float:

@@ -20,7 +20,7 @@ import torch
 
 from .. import api
 from ..approx.features import rank_for
-from ..backends.baselines import DEFAULT_FAVOR_FEATURES
+from ..request import Request
 from ..errors import BoundError, TensorAttnError
 from ..spec import get_spec
 from ..testing import random_inputs, random_rel
@@ -108,7 +108,7 @@ def _equal_rank(inp: Inputs, case: Case) -> int:
         q, k, v, opts = inp.args()
         plan = api.check_bounds(q, k, v, spec=case.spec, scale=1.0 / case.d, tol=case.tol, causal=case.causal,
                                 **opts)
-        inp.poly_rank = plan.rank if plan.rank is not None else DEFAULT_FAVOR_FEATURES
+        inp.poly_rank = plan.rank if plan.rank is not None else Request().features
     return inp.poly_rank
 
 

@@ -7,6 +7,7 @@ attention themselves. Differences from ``torch.nn.MultiheadAttention`` are liste
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Sequence
 
@@ -14,11 +15,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..api import AttentionInfo, attention
-from ..backends import get_backend
+from ..api import AttentionInfo, attend
+from ..checks import check_number
 from ..errors import InputError, SpecError
-from ..inputs import resolve_options
-from ..plan.planner import ON_UNBOUNDED
+from .. import positional
+from ..request import Request
 from ..spec import Spec, get_spec
 
 
@@ -32,58 +33,64 @@ def _resolve_spec(spec: str | Spec) -> Spec:
     return get_spec(spec)
 
 
-def _check_call_options(spec: Spec, backend: str, tol: float, on_unbounded: str, options: dict) -> dict:
-    """What attention() would refuse, refused at construction."""
-    resolved = resolve_options(spec, options)
-    if backend != "auto":
-        impl = get_backend(backend)
-        if backend == "poly" and not spec.separable and not getattr(impl, "supports_relative", False):
-            raise InputError(
-                f"backend='poly' does not support spec {spec.name!r} (positional={spec.positional!r}); "
-                "use backend='exact' or 'auto'"
-            )
-    if not (isinstance(tol, (int, float)) and 0 < tol < 1):
-        raise InputError(f"tol={tol!r} must be a number in (0, 1): the certified max|out - exact| / max|v|")
-    if on_unbounded not in ON_UNBOUNDED:
-        raise InputError(f"on_unbounded={on_unbounded!r} is not one of {ON_UNBOUNDED}")
-    return resolved
-
-
 def _spec_state(spec: Spec) -> tuple:
     # Spec keeps its options in a read-only mappingproxy, which does not pickle; store the fields
     return (spec.name, spec.score, spec.value, spec.positional, dict(spec.options), spec.description)
 
 
+def _request_field(name: str) -> property:
+    def get(self):
+        return getattr(self.request, name)
+
+    def set_(self, value):
+        self.request = dataclasses.replace(self.request, **{name: value})
+
+    return property(get, set_, doc=f"the ``{name}`` of this module's Request (settable)")
+
+
 class _SpecModule(nn.Module):
-    """Shared plumbing: the spec, call options, picklable state and the attention() keyword set."""
+    """Shared plumbing: the spec, the validated Request and spec options, picklable state."""
 
     spec: Spec
+    request: Request
 
-    def _setup(self, spec, backend, tol, causal, scale, on_unbounded, spec_options) -> None:
+    def _setup(self, spec, request_kwargs: dict[str, Any], options: dict[str, Any]) -> None:
+        """Validate everything attention() would check that does not depend on the arrays."""
         self.spec = _resolve_spec(spec)
-        _check_call_options(self.spec, backend, tol, on_unbounded, spec_options)
-        if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale)):
-            raise InputError(f"scale={scale!r} must be a finite number or None (default 1/sqrt(D))")
-        self.backend = backend
-        self.tol = float(tol)
-        self.causal = bool(causal)
-        self.scale = scale
-        self.on_unbounded = on_unbounded
-        self.spec_options = dict(spec_options)
+        self.request, resolved = Request.from_call(self.spec, **request_kwargs, **options)
+        positional.check_options(self.spec.positional, resolved)
+        if self.request.backend != "auto" and self.request.backend == "poly":
+            if not (self.spec.separable or self.spec.positional == "relative"):
+                raise InputError(f"backend='poly' does not serve spec {self.spec.name!r}; use 'exact' or 'auto'")
+        #: the options given at construction (request knobs are in ``request``)
+        self.spec_options = {key: resolved[key] for key in options if key in self.spec.options}
 
-    def _call_kwargs(self, causal: bool | None, spec_options: dict) -> dict[str, Any]:
-        return dict(
-            spec=self.spec, backend=self.backend, tol=self.tol,
-            causal=self.causal if causal is None else bool(causal), scale=self.scale,
-            on_unbounded=self.on_unbounded, **{**self.spec_options, **spec_options},
-        )
+    # the call settings live in the request; setting one (e.g. ``module.backend = "exact"`` for
+    # evaluation) builds a new, validated request
+    backend = _request_field("backend")
+    tol = _request_field("tol")
+    causal = _request_field("causal")
+    scale = _request_field("scale")
+    on_unbounded = _request_field("on_unbounded")
+
+    def _attend(self, q, k, v, causal: bool | None, return_info: bool, call_options: dict):
+        request, options = self.request.with_causal(causal), self.spec_options
+        if call_options:  # per-call request knobs or spec options override the module's
+            request, options = Request.from_call(
+                self.spec, **{f: getattr(request, f) for f in Request.names()}, **self.spec_options, **call_options
+            )
+        return _attend_eager(self.spec, q, k, v, request, options, return_info)
 
     def _spec_repr(self) -> str:
         name = self.spec.name if get_spec_or_none(self.spec.name) == self.spec else repr(self.spec)
-        extra = "".join(f", {k}={v!r}" for k, v in self.spec_options.items())
+        r = self.request
+        changed = [f"{f}={getattr(r, f)!r}" for f in Request.names()
+                   if f not in ("backend", "tol", "causal", "scale", "on_unbounded")
+                   and getattr(r, f) != getattr(_DEFAULT_REQUEST, f)]
+        extra = "".join(f", {x}" for x in changed) + "".join(f", {k}={v!r}" for k, v in self.spec_options.items())
         return (
-            f"spec={name!r}, order={self.spec.order}, backend={self.backend!r}, tol={self.tol:g}, "
-            f"causal={self.causal}, scale={self.scale!r}, on_unbounded={self.on_unbounded!r}{extra}"
+            f"spec={name!r}, order={self.spec.order}, backend={r.backend!r}, tol={r.tol:g}, "
+            f"causal={r.causal}, scale={r.scale!r}, on_unbounded={r.on_unbounded!r}{extra}"
         )
 
     def __getstate__(self) -> dict:
@@ -97,11 +104,14 @@ class _SpecModule(nn.Module):
         super().__setstate__(state)
 
 
+_DEFAULT_REQUEST = Request()
+
+
 @torch.compiler.disable
-def _attention_eager(q, k, v, **kwargs):
-    """ta.attention outside any torch.compile graph: the plan reads data (norms -> beta -> degree)
+def _attend_eager(spec, q, k, v, request, spec_options, return_info):
+    """attend() outside any torch.compile graph: the plan reads data (norms -> beta -> degree)
     and runs numpy, so tracing it would only add graph breaks; the projections around it compile."""
-    return attention(q, k, v, **kwargs)
+    return attend(spec, q, k, v, request, spec_options, return_info=return_info)
 
 
 def get_spec_or_none(name: str) -> Spec | None:
@@ -136,10 +146,11 @@ class TensorAttention(_SpecModule):
         **spec_options: Any,
     ) -> None:
         super().__init__()
-        self._setup(spec, backend, tol, causal, scale, on_unbounded, spec_options)
+        self._setup(spec, dict(backend=backend, tol=tol, causal=causal, scale=scale, on_unbounded=on_unbounded),
+                    spec_options)
 
     def forward(self, q, k, v, *, causal: bool | None = None, return_info: bool = False, **spec_options):
-        return _attention_eager(q, k, v, return_info=return_info, **self._call_kwargs(causal, spec_options))
+        return self._attend(q, k, v, causal, return_info, spec_options)
 
     def extra_repr(self) -> str:
         return self._spec_repr()
@@ -235,9 +246,10 @@ class MultiheadTensorAttention(_SpecModule):
                 "tensorattn never materializes (n^k entries for order k). Fix: dropout=0.0 and apply "
                 "nn.Dropout to the output instead"
             )
-        if qk_norm is not None and not (isinstance(qk_norm, (int, float)) and 0 < qk_norm < math.inf):
-            raise InputError(f"qk_norm={qk_norm!r} must be a positive number (the query/key radius) or None")
-        self._setup(spec, backend, tol, causal, scale, on_unbounded, spec_options)
+        if qk_norm is not None:
+            qk_norm = check_number("qk_norm", qk_norm, low=0.0, low_open=True, hint="the query/key radius, or None")
+        self._setup(spec, dict(backend=backend, tol=tol, causal=causal, scale=scale, on_unbounded=on_unbounded),
+                    spec_options)
         _one_feature_per_slot(self.spec)
         self.embed_dim = embed_dim
         self.num_heads = num_heads
@@ -336,9 +348,8 @@ class MultiheadTensorAttention(_SpecModule):
         if self.qk_norm is not None:
             q = F.normalize(q, dim=-1) * self.qk_norm
             ks = [F.normalize(x, dim=-1) * self.qk_norm for x in ks]
-        call = self._call_kwargs(is_causal, spec_options)
         k_arg, v_arg = (ks[0], vs[0]) if slots == 1 else (ks, vs)
-        res = _attention_eager(q, k_arg, v_arg, return_info=return_info, **call)
+        res = self._attend(q, k_arg, v_arg, is_causal, return_info, spec_options)
         out, info = res if return_info else (res, None)
         N, L = q_in.shape[:2]
         out = self.out_proj(out.transpose(1, 2).reshape(N, L, self.embed_dim))

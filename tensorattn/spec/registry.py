@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..errors import SpecError, closest_names
+from ..errors import SpecError, valid_names
 from .spec import Spec
 
 _SPECS: dict[str, Spec] = {}
@@ -36,7 +36,7 @@ def get_spec(name: str | Spec) -> Spec:
         return _SPECS[name]
     except KeyError:
         raise SpecError(
-            f"unknown spec {name!r}; registered specs are {closest_names(name, _SPECS)}. "
+            f"unknown spec {name!r}; registered specs are {valid_names(name, _SPECS)}. "
             "Register your own with ta.register_spec(ta.Spec(name, score_einsum))"
         ) from None
 

@@ -1,5 +1,6 @@
 """Entry bounds from inputs: beta (score radius, decides the degree), B (the papers' entry bound,
-decides the verdict), tau_k(n) (the order-k threshold) and vmax (DESIGN 5.2, 5.3)."""
+decides the verdict), tau_k(n) (the order-k threshold) and vmax; and the ``Problem`` of a call
+(docs/design.md, "The bound check")."""
 
 from __future__ import annotations
 
@@ -9,10 +10,12 @@ from dataclasses import dataclass
 import torch
 
 from ..inputs import Operands
+from ..request import Problem, Request
+from .relative import relative_support
 
 
 def threshold(order: int, n: int) -> float:
-    """tau_k(n) = (ln n)^(1/k): Alman & Song's threshold for order-k attention (DESIGN 5.3)."""
+    """tau_k(n) = (ln n)^(1/k): Alman & Song's threshold for order-k attention."""
     return math.log(n) ** (1.0 / order) if n > 1 else 0.0
 
 
@@ -86,3 +89,19 @@ def input_stats(ops: Operands, maxima: OperandMaxima | None = None) -> InputStat
     ve = spec.value_einsum
     vmax = math.prod(vals) * math.prod(ops.value_sizes[c] for c in ve.summed)
     return InputStats(beta=beta, B=B, vmax=vmax, n_max=max(ops.n, *ops.ms))
+
+
+def problem_for(ops: Operands, request: Request, *, maxima: OperandMaxima | None = None, n: int | None = None,
+                ms: tuple[int, ...] | None = None) -> Problem:
+    """The Problem of a call on ``ops``. A sequence-parallel caller passes the global ``maxima``,
+    ``n`` and ``ms``, so that every shard plans the whole sequence and picks the same degree."""
+    stats = input_stats(ops, maxima)
+    need_grad = request.need_grad if request.need_grad is not None else ops.tracks_grad
+    return Problem(
+        spec=ops.spec, n=ops.n if n is None else n, ms=ops.ms if ms is None else ms, D=ops.D,
+        value_dims=tuple(math.prod(v.shape[2:]) for v in ops.values), E=math.prod(ops.out_value_shape),
+        beta=stats.beta, B=stats.B, scale=ops.scale, Z=ops.q.shape[0], causal=ops.causal, vmax=stats.vmax,
+        dtype="float64" if ops.dtype == torch.float64 else "float32", need_grad=need_grad,
+        q_offset=ops.q_offset, relative=relative_support(ops.rel, ops.D) if ops.rel is not None else None,
+        alibi_slope=ops.alibi_slope,
+    )

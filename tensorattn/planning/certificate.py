@@ -1,4 +1,5 @@
-"""Degree choice and the certified output error of the polynomial method (DESIGN 5.2, 5.5, 6)."""
+"""Degree choice and the certified output and gradient errors of the polynomial method
+(docs/design.md#the-certificate)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from ..approx.polynomials import Approximant, output_error
 UNIT_ROUNDOFF = {"float32": float(np.finfo(np.float32).eps) / 2, "float64": float(np.finfo(np.float64).eps) / 2}
 #: beyond this score radius even float64 roundoff (~u e^{2 beta}) exceeds any useful tolerance
 MAX_CERTIFIABLE_BETA = 18.0
-#: float32 features are refused above this beta: cancellation makes roundoff ~ u e^{2 beta} (DESIGN 6)
+#: float32 features are refused above this beta: cancellation makes roundoff ~ u e^{2 beta}
+#: (docs/design.md#numerics)
 FLOAT32_MAX_BETA = 4.0
 
 
@@ -26,18 +28,13 @@ class Certificate:
     output_error: float  # output_error(approx + roundoff): bound on max|out - exact| / vmax
     grad_factor: float  # eta of docs/torch.md (G3): relative error of the score gradients
     feature_dtype: str
-    derivative_error: float = 0.0  # certified relative error of P' (exact arithmetic, DESIGN 5.5)
+    derivative_error: float = 0.0  # certified relative error of P' (exact arithmetic)
     derivative_roundoff: float = 0.0  # floating-point estimate for P' in the feature dtype
 
     @property
     def weight_error(self) -> float:
         """eps: relative error of every surrogate weight P(s) against e^s (approximation + roundoff)."""
         return self.approx_error + self.roundoff
-
-    @property
-    def slope_error(self) -> float:
-        """eps': relative error of every surrogate slope P'(s) against e^s."""
-        return self.derivative_error + self.derivative_roundoff
 
 
 def roundoff_estimate(approx: Approximant, beta: float, g: int, rank: int, m: int, order: int, dtype: str) -> float:
@@ -88,18 +85,20 @@ def choose_certificate(
     input_dtype: str,
     max_degree: int,
     need_grad: bool = False,
+    feature_dtype: str | None = None,
 ) -> Certificate | None:
     """Smallest degree whose certified output (and, with need_grad, gradient) error is <= tol.
 
-    The feature dtype is float64 when the input is float64, when beta > FLOAT32_MAX_BETA, or when
-    float32 roundoff alone would use more than half of the tolerance."""
+    The feature dtype is ``feature_dtype`` when pinned; else float64 when the input is float64,
+    when beta > FLOAT32_MAX_BETA, or when float32 roundoff alone would use more than half of the
+    tolerance."""
     if not beta <= MAX_CERTIFIABLE_BETA:
         return None
     for g in range(0, max_degree + 1):
         if output_error(approx.truncation_error(beta, g)) > tol:
             continue  # the truncation alone is too large: skip the costlier parts of the bound
-        dtype = input_dtype
-        if dtype == "float32":
+        dtype = feature_dtype or input_dtype
+        if feature_dtype is None and dtype == "float32":
             c32 = certify(approx, beta, g, D, m, order, "float32")
             if beta > FLOAT32_MAX_BETA or c32.roundoff > tol / 2 or (need_grad and c32.derivative_roundoff > tol / 8):
                 dtype = "float64"
@@ -108,6 +107,16 @@ def choose_certificate(
         if ok:
             return cert
     return None
+
+
+def certify_degree(approx: Approximant, beta: float, g: int, D: int, m: int, order: int, *,
+                   input_dtype: str, feature_dtype: str | None = None) -> Certificate | None:
+    """The certificate of a pinned degree ``g`` (experiments): features in ``feature_dtype``, or
+    the dtype ``choose_certificate`` would use. None when beta is past certification."""
+    if not beta <= MAX_CERTIFIABLE_BETA:
+        return None
+    dtype = feature_dtype or ("float64" if input_dtype == "float64" or beta > FLOAT32_MAX_BETA else "float32")
+    return certify(approx, beta, g, D, m, order, dtype)
 
 
 @dataclass(frozen=True)
@@ -146,7 +155,7 @@ def _column_mass(n_visible: np.ndarray, ratio: float) -> float:
     return float(np.minimum(1.0, ratio / vis).sum())
 
 
-def gradient_bound(plan, ops, maxima) -> GradientBound | None:
+def certify_gradients(plan, ops, maxima) -> GradientBound | None:
     """The certified gradient bound of docs/torch.md (G4-G6) for one call.
 
     ``maxima`` carries the per-operand maxima (expanded l2 norms, max |entry|, max |value|, ||W||_2)
@@ -177,7 +186,7 @@ def gradient_bound(plan, ops, maxima) -> GradientBound | None:
         best = min(l2[a] * math.prod(linf[b] for b in range(k) if b not in (m, a)) for a in range(k) if a != m)
         sens.append(scale * mf * best * maxima.wnorm)
     # C_m >= max_j sum_i P_i(slot m = j): a visible weight is at most e^{2 beta} times any other (G6)
-    slope = ops.options.get("alibi_slope") if spec.positional == "relative" else None
+    slope = ops.alibi_slope if spec.positional == "relative" else None
     ratio = math.inf if slope else math.exp(min(2.0 * plan.beta, 700.0))
     qpos = ops.q_positions().cpu().numpy()
     mass = []

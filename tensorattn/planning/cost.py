@@ -1,4 +1,4 @@
-"""Flop model for exact vs polynomial attention (DESIGN 7); used by plan() and backend='auto'."""
+"""Flop model for exact vs polynomial attention; used by the planner for backend="auto"."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Plan for relative-position attention by FFT-Toeplitz products (DESIGN 5.4).
+"""Plan for relative-position attention by FFT-Toeplitz products (docs/design.md#relative-positions).
 
 Alman & Song, *Fast RoPE Attention*: with s_ij = scale q_i^T W_{i-j} k_j = scale sum_{(a,b) in S}
 q_ia W_{i-j}[a,b] k_jb, S the support of W (pairs with a nonzero entry for some offset),
@@ -257,6 +257,7 @@ def choose_relative(
     max_degree: int,
     max_rank: int,
     need_grad: bool,
+    degree: int | None = None,
 ) -> tuple[Certificate | None, RelativeTerms | None, str]:
     """Smallest degree whose certificate (approximation on [-beta, beta] + FFT roundoff) meets tol.
 
@@ -265,6 +266,7 @@ def choose_relative(
     standard-model estimate u (2g + 4 sqrt(r + m_eff)) abs_sum(beta) e^beta for an equivalent plain
     sum of m_eff terms, so the certificate's roundoff, output and gradient errors all include it.
     Returns (certificate, terms, "") or, when no degree <= max_degree certifies tol, (None, None, why).
+    A pinned ``degree`` is certified as it is, whatever tol.
     """
     d, nnz = support.d, support.nnz
     N = fft_length(n, m)
@@ -273,9 +275,9 @@ def choose_relative(
     beta_abs = 0.0 if wn == 0 else min(B * B * support.abs_sum / (d * wn), beta * d * support.abs_norm / wn)
     decay = float(alibi_slope or 0.0) * max(0, q_offset + n - m)  # rows past the last key
     u = UNIT_ROUNDOFF["float64"]
-    for g in range(0, max_degree + 1):
+    for g in range(0, max_degree + 1) if degree is None else (degree,):
         want = fft_roundoff(approx, beta, beta_abs, g, N, n, m, decay, input_dtype)
-        if not want < tol:
+        if not want < tol and (degree is None or not math.isfinite(want)):
             why = f"the float64 FFT roundoff alone ({want:.2e}) exceeds tol"
             if decay:
                 why += (f": queries up to {max(0, q_offset + n - m)} positions past the last key scale every "
@@ -286,7 +288,7 @@ def choose_relative(
         r = rank_for(nnz, g)
         m_eff = max(m, math.ceil(root * root) - r)
         cert = certify(approx, beta, g, nnz, m_eff, 2, "float64")
-        if cert.output_error <= tol and (not need_grad or cert.grad_factor <= tol):
+        if degree is not None or (cert.output_error <= tol and (not need_grad or cert.grad_factor <= tol)):
             tables = toeplitz_terms(d, support.pairs, g) if r <= max_rank else None
             counts = _counts(support, g, tables)
             terms = RelativeTerms(
