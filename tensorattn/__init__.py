@@ -3,23 +3,38 @@
 >>> import tensorattn as ta
 >>> ta.list_specs()
 ['pairwise', 'relative', 'rope', 'triple']
+
+The subpackages ``ta.nn``, ``ta.distributed``, ``ta.backends`` and ``ta.bench`` load on first
+use; planning (``ta.plan``) loads no backend code.
 """
 
-from . import (
-    backends,  # registers the built-in backends
-    distributed,  # ta.distributed.attention: sequence parallel on torch.distributed
-    nn,  # ta.nn.TensorAttention, ta.nn.MultiheadTensorAttention
-)
-from .api import AttentionInfo, attention, check_bounds, grad_bound_for
+import importlib
+
+from .api import AttentionInfo, attend, attention, check_bounds, grad_bound_for
 from .errors import BoundError, InputError, SpecError, TensorAttnError
 from .planning import BoundWarning, Plan, make_plan, plan, plan_for, threshold
-from .registry import BACKENDS, Backend, Refusal, get_backend, register_backend
+from .registry import Backend, Refusal, get_backend, register_backend, registered
 from .request import Problem, Request
 from .spec import Spec, get_spec, list_specs, register_builtins, register_spec, unregister_spec
 
 register_builtins()
 
 __version__ = "0.1.0"
+
+_LAZY_MODULES = ("backends", "bench", "distributed", "nn", "testing")
+
+
+def __getattr__(name: str):
+    if name in _LAZY_MODULES:
+        return importlib.import_module(f".{name}", __name__)
+    if name == "BACKENDS":
+        return registered()
+    raise AttributeError(f"module 'tensorattn' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
 
 __all__ = [
     "AttentionInfo",
@@ -35,6 +50,7 @@ __all__ = [
     "Spec",
     "SpecError",
     "TensorAttnError",
+    "attend",
     "attention",
     "backends",
     "check_bounds",

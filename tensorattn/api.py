@@ -12,7 +12,7 @@ import torch
 
 from .inputs import Operands, prepare
 from .planning import GradientBound, Plan, certify_gradients, operand_maxima, plan_for
-from .registry import BACKENDS
+from .registry import registered
 from .request import Request
 from .spec import Spec, get_spec
 
@@ -68,7 +68,7 @@ def run_plan(plan: Plan, ops: Operands) -> torch.Tensor:
     """Run the backend the plan chose on validated operands: (Z, n, *values) in the compute dtype."""
     if ops.n == 0 or ops.q.shape[0] == 0:
         return ops.q.new_zeros(ops.q.shape[0], ops.n, *ops.out_value_shape)
-    return BACKENDS[plan.backend].run(plan, ops)
+    return registered()[plan.backend].run(plan, ops)
 
 
 def attend(spec: Spec, q: Any, k: Any, v: Any, request: Request, spec_options: Mapping[str, Any] | None = None,

@@ -2,11 +2,13 @@
 
 The planner chooses among registered backends by asking each one whether it ``serves`` a spec and
 problem; it never imports an implementation. Backends (``tensorattn.backends``) subclass
-``Backend`` and are registered explicitly by that package.
+``Backend`` and are registered explicitly by that package, which the registry imports the first
+time it is read (``registered()``): planning alone loads no backend code.
 """
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -56,6 +58,17 @@ class Backend:
 
 
 BACKENDS: dict[str, Backend] = {}
+_BUILTINS = "tensorattn.backends"
+_builtins_loaded = False
+
+
+def registered() -> dict[str, Backend]:
+    """The live registry, with the built-in backends registered (imported on first use)."""
+    global _builtins_loaded
+    if not _builtins_loaded:
+        _builtins_loaded = True
+        importlib.import_module(_BUILTINS)
+    return BACKENDS
 
 
 def register_backend(backend: Backend, *, replace: bool = False) -> Backend:
@@ -64,25 +77,27 @@ def register_backend(backend: Backend, *, replace: bool = False) -> Backend:
         raise InputError(f"register_backend expects a ta.Backend instance, got {type(backend).__name__}")
     if backend.name == AUTO:
         raise InputError(f"the backend name {AUTO!r} is reserved for automatic backend choice; choose another")
-    if backend.name in BACKENDS and not replace:
+    registry = BACKENDS if backend.__module__.startswith(_BUILTINS) else registered()
+    if backend.name in registry and not replace:
         raise InputError(
             f"a backend named {backend.name!r} is already registered; choose another name or pass replace=True"
         )
-    BACKENDS[backend.name] = backend
+    registry[backend.name] = backend
     return backend
 
 
 def get_backend(name: str) -> Backend:
     """The registered backend called ``name``; an unknown name lists the valid ones."""
+    registry = registered()
     try:
-        return BACKENDS[name]
+        return registry[name]
     except (KeyError, TypeError):
         raise InputError(
-            f"unknown backend {name!r}; valid backends are {valid_names(name, [AUTO, *BACKENDS])}"
+            f"unknown backend {name!r}; valid backends are {valid_names(name, [AUTO, *registry])}"
         ) from None
 
 
 def backends_serving(spec: "Spec", problem: "Problem", registry: dict[str, Backend] | None = None) -> list[str]:
     """Names of the registered backends that serve ``spec`` on ``problem`` (for error messages)."""
-    registry = BACKENDS if registry is None else registry
+    registry = registered() if registry is None else registry
     return [name for name, impl in registry.items() if impl.serves(spec, problem)]

@@ -17,7 +17,7 @@ from typing import Any
 from .approx.polynomials import APPROXIMANTS
 from .checks import check_bool, check_choice, check_int, check_number
 from .errors import InputError, valid_names
-from .registry import AUTO, BACKENDS
+from .registry import AUTO, registered
 from .spec import Spec
 
 ON_UNBOUNDED = ("raise", "fallback", "ignore")
@@ -70,9 +70,10 @@ class Request:
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
-        if not isinstance(self.backend, str) or (self.backend != AUTO and self.backend not in BACKENDS):
+        if not isinstance(self.backend, str) or (self.backend != AUTO and self.backend not in registered()):
             raise InputError(
-                f"unknown backend {self.backend!r}; valid backends are {valid_names(self.backend, [AUTO, *BACKENDS])}"
+                f"unknown backend {self.backend!r}; valid backends are "
+                f"{valid_names(self.backend, [AUTO, *registered()])}"
             )
         set_("tol", check_number("tol", self.tol, low=0.0, high=1.0, low_open=True, high_open=True,
                                  hint="tol bounds max|out - exact| / max|v|"))

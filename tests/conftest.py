@@ -14,9 +14,10 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 @pytest.fixture
 def restore_registry():
     """Snapshot the spec and backend registries; restore them even if the test fails."""
-    from tensorattn.registry import BACKENDS
+    from tensorattn.registry import registered
     from tensorattn.spec.registry import _registry
 
+    BACKENDS = registered()
     specs, backends = dict(_registry()), dict(BACKENDS)
     yield
     _registry().clear()

@@ -17,7 +17,7 @@ from ..approx.polynomials import get_approximant
 from ..checks import check_int, check_number
 from ..errors import BoundError, InputError
 from ..inputs import Operands
-from ..registry import AUTO, BACKENDS, Backend, backends_serving
+from ..registry import AUTO, Backend, backends_serving, registered
 from ..request import Problem, Request, default_scale
 from ..spec import Spec, get_spec
 from .bounds import OperandMaxima, problem_for, threshold
@@ -224,7 +224,7 @@ def _poly_certificate(problem: Problem, request: Request) -> tuple[Certificate |
 
 def make_plan(problem: Problem, request: Request, backends: dict[str, Backend] | None = None) -> Plan:
     """Decide everything about one call; raise BoundError / InputError with numbers when refused."""
-    registry = BACKENDS if backends is None else backends
+    registry = registered() if backends is None else backends
     spec = problem.spec
     tau = threshold(spec.order, problem.n_max)
     passed = problem.B < tau
