@@ -13,7 +13,7 @@ import torch
 from .inputs import Operands, prepare
 from .planning import GradientBound, Plan, certify_gradients, operand_maxima, plan_for
 from .registry import registered
-from .request import Request
+from .request import Request, with_call_signature
 from .spec import Spec, get_spec
 
 
@@ -82,28 +82,17 @@ def attend(spec: Spec, q: Any, k: Any, v: Any, request: Request, spec_options: M
     return result
 
 
-def attention(
-    q: Any,
-    k: Any,
-    v: Any,
-    *,
-    spec: str | Spec = "pairwise",
-    backend: str = "auto",
-    causal: bool = False,
-    scale: float | None = None,
-    tol: float = 1e-3,
-    on_unbounded: str = "raise",
-    return_info: bool = False,
-    **options: Any,
-):
+@with_call_signature()
+def attention(q: Any, k: Any, v: Any, *, spec: str | Spec = "pairwise", return_info: bool = False, **options: Any):
     """Generalized attention: ``out_i = sum over key tuples of softmax(score) * value``.
 
     ``q`` is ``(..., n, d)``; for order-2 specs ``k`` is ``(..., m, d)`` and ``v`` is ``(..., m, e)``,
     for order-k specs they are sequences of k-1 arrays. The result has the array type, dtype,
     device and leading dims of ``q``. ``backend`` is ``"auto"``, ``"exact"``, ``"poly"`` or a
-    registered baseline; poly certifies ``max|out - exact| <= tol * max|v|``. Other keywords are
-    the ``Request`` settings (``max_degree``, ``memory_budget``, ``q_offset`` ...) and the spec's
-    own options (``rope_base``, ``rel`` ...). See docs/index.md and docs/design.md.
+    registered baseline; poly certifies ``max|out - exact| <= tol * max|v|``. The keywords are the
+    ``Request`` settings (``backend``, ``tol``, ``causal``, ``scale``, ``on_unbounded``,
+    ``max_degree``, ``q_offset`` ...; see ``ta.Request`` for each one and its default) and the
+    spec's own options (``rope_base``, ``rel`` ...). See docs/index.md and docs/design.md.
 
     >>> import numpy as np, tensorattn as ta
     >>> rng = np.random.default_rng(0)
@@ -116,9 +105,7 @@ def attention(
     True
     """
     spec_obj = get_spec(spec)
-    request, spec_options = Request.from_call(
-        spec_obj, backend=backend, causal=causal, scale=scale, tol=tol, on_unbounded=on_unbounded, **options
-    )
+    request, spec_options = Request.from_call(spec_obj, **options)
     return attend(spec_obj, q, k, v, request, spec_options, return_info=return_info)
 
 
@@ -141,6 +128,7 @@ def grad_bound_for(info: AttentionInfo, d_out: Any, *, by_input: bool = False) -
     return bounds if by_input else max(bounds.values())
 
 
+@with_call_signature()
 def check_bounds(q: Any, k: Any, v: Any = None, *, spec: str | Spec = "pairwise", **options: Any) -> Plan:
     """The bound check on real inputs: B, tau_k(n), beta, the degree and rank that poly needs for
     ``tol``, flops of exact vs poly, and the verdict (``plan.passed``). Returns the Plan that

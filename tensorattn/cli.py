@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import shlex
 import sys
 from typing import Sequence
@@ -93,22 +92,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
 def _bench(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from .bench import run_bench
+    from .bench.measure import available_cores, load_average, others_busy
 
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
     command = "tensorattn " + " ".join(shlex.quote(a) for a in argv)
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    if load > _cores() - 0.5:  # someone else is computing: say so before the numbers come out
-        print(f"note: the machine is busy (1-minute load {load:.1f} on {_cores()} cores); timings will be noisy",
-              file=sys.stderr)
+    loads = load_average()
+    if loads and others_busy(loads[0]):  # someone else is computing: say so before the numbers come out
+        print(f"note: the machine is busy (1-minute load {loads[0]:.1f} on {available_cores()} cores); timings "
+              "will be noisy", file=sys.stderr)
     results = run_bench(
         args.suite, args.out, progress=not args.no_progress, plots_enabled=not args.no_plots, command=command,
         spec=args.spec, backend=args.backend, n=args.n, d=args.d, B=args.B, tol=args.tol, causal=args.causal,

@@ -36,7 +36,7 @@ from .backends.poly import polynomial_engine
 from .errors import InputError
 from .inputs import Operands, prepare
 from .planning import OperandMaxima, operand_maxima, plan_for
-from .request import Request
+from .request import Request, with_call_signature
 from .spec import Spec, get_spec
 
 #: backends that have a sequence-parallel implementation here
@@ -416,21 +416,9 @@ def _exact_ring(ops: Operands, comm: _Comm, layout: ShardLayout, budget_bytes: i
 # --------------------------------------------------------------------------- public
 
 
-def attention(
-    q: Any,
-    k: Any,
-    v: Any,
-    *,
-    spec: str | Spec = "pairwise",
-    backend: str = "auto",
-    causal: bool = False,
-    group=None,
-    tol: float = 1e-3,
-    scale: float | None = None,
-    on_unbounded: str = "raise",
-    return_info: bool = False,
-    **spec_options: Any,
-):
+@with_call_signature()
+def attention(q: Any, k: Any, v: Any, *, spec: str | Spec = "pairwise", group=None, return_info: bool = False,
+              **options: Any):
     """Sequence-parallel ``ta.attention``: this rank's shard of the output.
 
     Every rank of ``group`` (default: the whole world) calls this with its contiguous shard of
@@ -440,15 +428,14 @@ def attention(
     global plan (global n, flops of the whole call). Forward only: inputs must not require grad.
     """
     comm = _communicator(group)
-    meta, local, exc = _local_description(spec, q, k, v, dict(
-        backend=backend, causal=causal, scale=scale, tol=tol, on_unbounded=on_unbounded, **spec_options))
+    meta, local, exc = _local_description(spec, q, k, v, options)
     # the handshake is collective, so a bad shard on one rank raises on every rank (no hang)
     metas = comm.all_gather_object(meta)
     if exc is not None:
         raise exc
-    layout = _check_shards(metas, causal)
     assert local is not None
     spec_obj, request, options = local
+    layout = _check_shards(metas, request.causal)
     r = comm.rank
     request = replace(request, q_offset=layout.q_start(r))
     nk = spec_obj.order - 1

@@ -18,6 +18,7 @@ from .errors import InputError
 from .request import Request, default_scale
 from .spec import Spec
 
+
 @dataclass(frozen=True)
 class Operands:
     """Validated inputs in the compute layout, plus what is needed to restore the caller's type.

@@ -10,6 +10,7 @@ needs to choose a degree, a cost and a backend.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -170,3 +171,20 @@ class Problem:
 def default_scale(D: int) -> float:
     """1/sqrt(D), as torch's scaled_dot_product_attention."""
     return 1.0 / math.sqrt(D) if D > 0 else 1.0
+
+
+def with_call_signature(*leading: inspect.Parameter, trailing: tuple[inspect.Parameter, ...] = ()):
+    """Give a ``f(q, k, v, *, ..., **options)`` frontend the signature that lists every Request
+    setting with its default, so ``help()`` and IDEs show them while the defaults live only here."""
+
+    def decorate(fn):
+        sig = inspect.signature(fn)
+        params = [p for p in sig.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+        kw = inspect.Parameter.KEYWORD_ONLY
+        settings = [inspect.Parameter(f.name, kw, default=f.default, annotation=f.type)
+                    for f in dataclasses.fields(Request)]
+        var = [p for p in sig.parameters.values() if p.kind is inspect.Parameter.VAR_KEYWORD]
+        fn.__signature__ = sig.replace(parameters=[*params, *leading, *settings, *trailing, *var])
+        return fn
+
+    return decorate

@@ -356,7 +356,6 @@ def test_grad_error_bound_api():
     assert exact_info.grad_error_bound == 0.0 and ta.grad_bound_for(exact_info, dO) == 0.0
 
 
-@pytest.mark.skipif(not getattr(ta.BACKENDS["poly"], "supports_relative", False), reason="no relative poly")
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("alibi", [None, 0.2])
 def test_relative_poly_gradients_within_certified_bound(causal, alibi):

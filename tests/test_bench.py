@@ -4,6 +4,7 @@ overrides, forced-degree poly) behave. Never asserts timings."""
 import csv
 import json
 import math
+import time
 
 import numpy as np
 import pytest
@@ -77,18 +78,32 @@ def test_micro_experiments(micro):
     weights = [p["mean_weight"] for p in exps["needle"]["sizes"][0]["points"]]
     assert weights[-1] > weights[0] and all(0 <= w <= 1 for w in weights)
     assert {r["backend"] for r in exps["grad"]["rows"]} == {"poly", "exact", "sdpa", "favor", "taylor2"}
-    assert all(math.isfinite(r["max_grad_error"]) for r in exps["grad"]["rows"])
-    assert 0 <= exps["gemm"]["gemm_s"] and exps["harness"]["per_call_s"] >= 0
+    for r in exps["grad"]["rows"]:
+        assert math.isfinite(r["max_grad_error"])
+        if r["backend"] == "poly":  # certified: the measured error is within the bound
+            assert r["max_grad_error"] <= r["grad_error_bound"], r
+    gemm = exps["gemm"]
+    assert gemm["gemm_calls"] > 0 and 0 < gemm["gemm_s"] <= gemm["profiled_ops_s"] and 0 < gemm["share"] <= 1
+    assert 0 < exps["harness"]["per_call_s"] < 1e-3
 
 
 def test_measure_and_peak_memory():
     calls = []
-    timing, result = measure(lambda: calls.append(1) or len(calls), warmup=2, repeats=3, min_repeats=3)
-    assert timing.repeats == 3 and len(calls) == 5 and result == 5 and timing.median >= 0
+
+    def nap():
+        calls.append(1)
+        time.sleep(0.002)
+        return len(calls)
+
+    timing, result = measure(nap, warmup=2, repeats=3, min_repeats=3)
+    assert timing.repeats == 3 and len(calls) == 5 and result == 5
+    assert min(timing.times) >= 0.002 and timing.median == sorted(timing.times)[1]
     with PeakMemory() as mem:
-        block = np.ones(4 << 20)  # 32 MiB
+        block = np.ones(4 << 20)  # 32 MiB, touched
         del block
-    assert mem.peak_bytes is None or mem.peak_bytes >= 16 << 20
+    if mem.peak_bytes is None:
+        pytest.skip("this kernel has no resettable VmHWM (/proc/self/clear_refs)")
+    assert mem.peak_bytes >= 16 << 20
 
 
 def test_affine_estimate_and_visible_tuples():

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from . import experiments, plots
-from .measure import PeakMemory, harness_overhead, single_thread
+from .measure import PeakMemory, harness_overhead, load_average, single_thread
 from .report import environment, markdown, targets, write_csv, write_json
 from .runner import run_sweep
 from .suites import PARTS, SUITES, SWEEP_BACKENDS, Case, Suite, get_suite, override
@@ -106,7 +106,7 @@ def run_bench(suite: str | Suite = "default", out: str | os.PathLike = "bench-re
     figures: dict[str, str] = {}
     if plots_enabled:
         figures = part("plots", lambda: _plots(rows, exps, out))
-    env["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    env["load_average_end"] = load_average()
     results = dict(
         command=command or f"run_bench({s.name!r})", date=date, wall_s=time.perf_counter() - start,
         suite=dict(name=s.name, parts=list(s.parts), warmup=s.warmup, repeats=s.repeats,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import gc
+import os
 import re
 import statistics
 import time
@@ -16,6 +17,25 @@ import torch
 
 _STATUS = "/proc/self/status"
 _CLEAR_REFS = "/proc/self/clear_refs"
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def load_average() -> list[float] | None:
+    """The 1, 5 and 15-minute load averages, or None where the OS has none."""
+    return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+
+
+def others_busy(load1: float | None, own_threads: float = 0.0, margin: float = 0.5) -> bool:
+    """True when the 1-minute load ``load1`` says other processes compete for the CPU: the load
+    beyond this process's own ``own_threads`` runnable threads exceeds ``margin``."""
+    return load1 is not None and load1 - own_threads > margin
 
 
 @contextlib.contextmanager

@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 import platform
 import subprocess
 from pathlib import Path
@@ -14,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .measure import available_cores, load_average, others_busy
 from .plots import crossover
 
 CSV_FIELDS = (
@@ -58,17 +58,14 @@ def environment() -> dict:
 
     import tensorattn
 
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover
-        cores = os.cpu_count()
+    cores = available_cores()
     return dict(
         tensorattn=tensorattn.__version__, commit=_git_commit(), python=platform.python_version(),
         torch=torch.__version__, numpy=np.__version__, scipy=scipy.__version__, platform=platform.platform(),
         cpu=_cpu_model(), cores_available=cores, torch_threads=torch.get_num_threads(),
         torch_interop_threads=torch.get_num_interop_threads(),
         parallel=_parallel_backend(), cpu_capability=torch.backends.cpu.get_cpu_capability(),
-        load_average=list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        load_average=load_average(),
     )
 
 
@@ -270,7 +267,7 @@ def _busy_note(results: dict) -> str | None:
     cores = env.get("cores_available") or 1
     loads = [r.get("load1") for r in results["rows"] if r.get("load1") is not None]
     loads += [x[0] for x in (env.get("load_average"), env.get("load_average_end")) if x]
-    if not loads or max(loads) <= cores + 0.5:
+    if not loads or not others_busy(max(loads), own_threads=cores):
         return None
     return (f"the 1-minute load average reached {max(loads):.1f} on {cores} cores during this run, so other "
             "processes competed for the CPU; many small multi-threaded ops (poly at small n, the exact tile "

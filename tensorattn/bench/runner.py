@@ -10,7 +10,6 @@ is marked ``estimated``.
 from __future__ import annotations
 
 import math
-import os
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -20,11 +19,11 @@ import torch
 
 from .. import api
 from ..approx.features import rank_for
-from ..request import Request
 from ..errors import BoundError, TensorAttnError
+from ..request import Request
 from ..spec import get_spec
 from ..testing import random_inputs, random_rel
-from .measure import AffineEstimate, PeakMemory, measure, single_thread, visible_tuples
+from .measure import AffineEstimate, PeakMemory, load_average, measure, single_thread, visible_tuples
 from .suites import QUADRATIC_BACKENDS, Case, Suite
 
 
@@ -221,7 +220,8 @@ def run_sweep(suite: Suite, progress=None) -> list[dict]:
         t0 = time.perf_counter()
         row = run_case(case, inp, suite, validate=suite.validate_estimates and vkey not in validated)
         row["case_wall_s"] = time.perf_counter() - t0  # warm-ups, repeats and the reference included
-        row["load1"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+        loads = load_average()
+        row["load1"] = loads[0] if loads else None
         if row["measured_full_s"] is not None:
             validated.add(vkey)
         rows.append(row)

@@ -15,11 +15,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .. import positional
 from ..api import AttentionInfo, attend
 from ..checks import check_number
 from ..errors import InputError, SpecError
-from .. import positional
-from ..request import Request
+from ..request import Request, with_call_signature
 from ..spec import Spec, get_spec
 
 
@@ -54,10 +54,10 @@ class _SpecModule(nn.Module):
     spec: Spec
     request: Request
 
-    def _setup(self, spec, request_kwargs: dict[str, Any], options: dict[str, Any]) -> None:
+    def _setup(self, spec, options: dict[str, Any]) -> None:
         """Validate everything attention() would check that does not depend on the arrays."""
         self.spec = _resolve_spec(spec)
-        self.request, resolved = Request.from_call(self.spec, **request_kwargs, **options)
+        self.request, resolved = Request.from_call(self.spec, **options)
         positional.check_options(self.spec.positional, resolved)
         if self.request.backend != "auto" and self.request.backend == "poly":
             if not (self.spec.separable or self.spec.positional == "relative"):
@@ -135,19 +135,10 @@ class TensorAttention(_SpecModule):
     torch.Size([2, 16, 8])
     """
 
-    def __init__(
-        self,
-        spec: str | Spec = "pairwise",
-        backend: str = "auto",
-        tol: float = 1e-3,
-        causal: bool = False,
-        scale: float | None = None,
-        on_unbounded: str = "raise",
-        **spec_options: Any,
-    ) -> None:
+    @with_call_signature()
+    def __init__(self, spec: str | Spec = "pairwise", **options: Any) -> None:
         super().__init__()
-        self._setup(spec, dict(backend=backend, tol=tol, causal=causal, scale=scale, on_unbounded=on_unbounded),
-                    spec_options)
+        self._setup(spec, options)
 
     def forward(self, q, k, v, *, causal: bool | None = None, return_info: bool = False, **spec_options):
         return self._attend(q, k, v, causal, return_info, spec_options)
@@ -190,7 +181,8 @@ class MultiheadTensorAttention(_SpecModule):
             default is False), else (seq, batch, feature).
         kdim, vdim: sizes of the key / value inputs (default ``embed_dim``).
         dropout: must be 0.0. Attention-weight dropout needs the weight tensor, which is never built.
-        backend, tol, causal, scale, on_unbounded, **spec_options: as in ``ta.attention``.
+        **options: the settings of ``ta.Request`` (backend, tol, causal, scale, on_unbounded ...) and
+            the spec options, as in ``ta.attention``.
         qk_norm: if a number rho, the projected query and every projected key are L2-normalized per
             head and multiplied by rho. Then beta <= scale * rho^order, so the polynomial backend's
             degree (and cost) stays fixed during training instead of growing with the weights.
@@ -210,6 +202,7 @@ class MultiheadTensorAttention(_SpecModule):
     torch.Size([2, 10, 32])
     """
 
+    @with_call_signature()
     def __init__(
         self,
         embed_dim: int,
@@ -221,15 +214,10 @@ class MultiheadTensorAttention(_SpecModule):
         kdim: int | None = None,
         vdim: int | None = None,
         dropout: float = 0.0,
-        backend: str = "auto",
-        tol: float = 1e-3,
-        causal: bool = False,
-        scale: float | None = None,
-        on_unbounded: str = "raise",
         qk_norm: float | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
-        **spec_options: Any,
+        **options: Any,
     ) -> None:
         super().__init__()
         for name, val in (("embed_dim", embed_dim), ("num_heads", num_heads)):
@@ -248,8 +236,7 @@ class MultiheadTensorAttention(_SpecModule):
             )
         if qk_norm is not None:
             qk_norm = check_number("qk_norm", qk_norm, low=0.0, low_open=True, hint="the query/key radius, or None")
-        self._setup(spec, dict(backend=backend, tol=tol, causal=causal, scale=scale, on_unbounded=on_unbounded),
-                    spec_options)
+        self._setup(spec, options)
         _one_feature_per_slot(self.spec)
         self.embed_dim = embed_dim
         self.num_heads = num_heads

@@ -8,7 +8,6 @@ asks the registered backends whether they serve a problem; it never imports one.
 
 from __future__ import annotations
 
-import math
 import warnings
 from dataclasses import dataclass, replace
 from typing import Any
@@ -360,7 +359,10 @@ def plan(
         B = beta ** (1.0 / k)
     else:
         beta = check_number("beta", beta, low=0.0, hint="the score radius max|s|")
-        B = beta ** (1.0 / k) if bound is None else (abs(scale) * D * check_number("bound", bound, low=0.0) ** k) ** (1.0 / k)
+        if bound is None:
+            B = beta ** (1.0 / k)
+        else:
+            B = (abs(scale) * D * check_number("bound", bound, low=0.0) ** k) ** (1.0 / k)
     ve = spec.value_einsum
     value_dims = tuple(e ** len(letters) for letters in ve.value_letters)
     problem = Problem(
