@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -23,18 +22,7 @@ import numpy as np
 import torch
 
 import tensorattn as ta
-
-
-def peak_rss_mib() -> float:
-    """This process's own peak RSS (VmHWM); ru_maxrss can include the parent's pages at exec."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024.0  # kB
-    except OSError:  # not Linux
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+from tensorattn.bench.measure import process_peak_rss_mib as peak_rss_mib
 
 
 def naive(spec: str, q, ks, vs):

@@ -3,7 +3,7 @@
     python benchmarks/distributed_comm.py                  # both parts, default sizes
     python benchmarks/distributed_comm.py --part bytes     # only the traffic table
 
-Part 1 (bytes): pairwise attention on the DESIGN section 7 workload (d = e = 8, entries in [-1, 1],
+Part 1 (bytes): pairwise attention on the headline workload (d = e = 8, entries in [-1, 1],
 scale 1/8, tol 1e-3) at n = 65,536 over 4 gloo ranks. Every rank counts the payload bytes its
 collectives send and receive (``ta.distributed.count_bytes``); the table shows the busiest rank,
 the mean over ranks and the prediction of ``ta.distributed.communication_bytes``.
@@ -17,6 +17,7 @@ on this machine; other processes on it add noise.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import tempfile
@@ -29,6 +30,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import tensorattn as ta
+from tensorattn.bench.measure import best_of
 
 D = 8
 SCALE = 1 / D
@@ -115,12 +117,8 @@ def _one_process(n: int, repeats: int, backends: list[str], threads: int) -> dic
     result = {}
     for backend in backends:
         for causal in (False, True):
-            best = float("inf")
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                ta.attention(q, k, v, backend=backend, causal=causal, scale=SCALE)
-                best = min(best, time.perf_counter() - t0)
-            result[f"{backend} causal={causal}"] = best
+            call = functools.partial(ta.attention, q, k, v, backend=backend, causal=causal, scale=SCALE)
+            result[f"{backend} causal={causal}"], _ = best_of(call, repeats)
     return result
 
 

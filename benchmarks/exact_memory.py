@@ -11,17 +11,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import time
 
 import numpy as np
 import torch
 
 import tensorattn as ta
-
-
-def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
+from tensorattn.bench.measure import process_peak_rss_mib as peak_rss_mib
 
 
 def main() -> None:

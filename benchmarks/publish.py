@@ -5,7 +5,7 @@
     python benchmarks/publish.py --from-results  # redraw plots and README.md from latest/results.json
     python benchmarks/publish.py --from-results --full-results full/results.json  # add a full run's checks
 
-The README holds the DESIGN section 7 targets next to the measured ratios, the tables and the plots
+The README holds the performance targets next to the measured ratios, the tables and the plots
 of the latest run, and the command that reproduces them.
 """
 
@@ -37,6 +37,11 @@ python benchmarks/publish.py --from-results   # rebuild this page from latest/re
 or in one step `python benchmarks/publish.py{suite_flag}`. The raw results are in
 [`latest/results.json`](latest/results.json) and [`latest/results.csv`](latest/results.csv); the
 method is described at the end of this page and in [`docs/benchmarks.md`](../docs/benchmarks.md).
+
+Where things live: the suite itself and every measurement helper (timing with warm-ups and
+medians, peak memory, machine load, row-fraction estimates) are in the package, under
+`tensorattn/bench/`, because `tensorattn bench` runs them. This folder holds only scripts that
+use those helpers and the published results (`latest/`).
 {others}
 """
 

@@ -17,22 +17,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import numpy as np
 import torch
 
 import tensorattn as ta
+from tensorattn.bench.measure import best_of
 from tensorattn.testing import random_rel
-
-
-def best_time(fn, repeats: int) -> tuple[float, object]:
-    best, out = float("inf"), None
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t0)
-    return best, out
 
 
 def relative_case(n: int, rows: int, repeats: int, d: int = 4, seed: int = 0) -> dict:
@@ -40,10 +31,10 @@ def relative_case(n: int, rows: int, repeats: int, d: int = 4, seed: int = 0) ->
     q, k, v = (torch.from_numpy(rng.uniform(-1, 1, (n, d)).astype(np.float32)) for _ in range(3))
     W = torch.from_numpy(random_rel(n, n, d, kind="rope"))
     opts = dict(spec="relative", rel=W, scale=1 / d, tol=1e-3)
-    t_poly, (out, info) = best_time(lambda: ta.attention(q, k, v, backend="poly", return_info=True, **opts), repeats)
+    t_poly, (out, info) = best_of(lambda: ta.attention(q, k, v, backend="poly", return_info=True, **opts), repeats)
     rows = min(rows, n)
     Wr = W[: rows + n - 1]  # queries 0..rows-1 read W[i - j + n - 1] <= rows + n - 2
-    t_rows, exact_rows = best_time(lambda: ta.attention(q[:rows], k, v, rel=Wr, spec="relative", scale=1 / d,
+    t_rows, exact_rows = best_of(lambda: ta.attention(q[:rows], k, v, rel=Wr, spec="relative", scale=1 / d,
                                                         backend="exact"), repeats)
     err = float((out[:rows].double() - exact_rows.double()).abs().max())
     rel = info.plan.relative
@@ -59,8 +50,8 @@ def rope_case(n: int, repeats: int, d: int = 8, seed: int = 1) -> dict:
     rng = np.random.default_rng(seed)
     q, k, v = (torch.from_numpy(rng.uniform(-1, 1, (n, d)).astype(np.float32)) for _ in range(3))
     opts = dict(backend="poly", scale=1 / d, tol=1e-3, return_info=True)
-    t_pair, (_, ip) = best_time(lambda: ta.attention(q, k, v, spec="pairwise", **opts), repeats)
-    t_rope, (_, ir) = best_time(lambda: ta.attention(q, k, v, spec="rope", **opts), repeats)
+    t_pair, (_, ip) = best_of(lambda: ta.attention(q, k, v, spec="pairwise", **opts), repeats)
+    t_rope, (_, ir) = best_of(lambda: ta.attention(q, k, v, spec="rope", **opts), repeats)
     return {"n": n, "d": d, "pairwise_poly_s": t_pair, "rope_poly_s": t_rope, "rope_over_pairwise": t_rope / t_pair,
             "degrees": [ip.degree, ir.degree], "ranks": [ip.rank, ir.rank]}
 

@@ -228,7 +228,7 @@ def test_exact_backward_saves_only_linear_state():
 
 
 # ---------------------------------------------------------------------------------------------
-# the derivative certificate eps'(beta, g) (DESIGN 5.5)
+# the derivative certificate eps'(beta, g) (docs/design.md#gradients)
 
 @pytest.mark.parametrize("approx", [Chebyshev(), Taylor()], ids=["chebyshev", "taylor"])
 @pytest.mark.parametrize("beta", [0.0, 0.3, 1.0, 3.0, 6.0])

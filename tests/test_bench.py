@@ -36,7 +36,7 @@ def test_micro_suite_writes_every_artifact(micro):
         rows = list(csv.DictReader(fh))
     assert tuple(rows[0]) == CSV_FIELDS and len(rows) == len(loaded["rows"])
     report = (out / "report.md").read_text()
-    assert "## DESIGN §7 targets" in report and "![needle.png](needle.png)" in report
+    assert "## Performance targets" in report and "![needle.png](needle.png)" in report
     assert "n/a: favor" in report  # favor cannot serve triple
     assert set(results["figures"]) == {"time_vs_n.png", "error_vs_rank.png", "phase_transition.png",
                                        "fixed_degree_error.png", "needle.png"}

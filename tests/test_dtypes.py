@@ -1,4 +1,4 @@
-"""Dtypes and devices: fp16/bf16 inputs are upcast (features never in half precision, DESIGN 6),
+"""Dtypes and devices: fp16/bf16 inputs are upcast (features never in half precision, docs/design.md#numerics),
 the output is cast back, and gradients flow back in the input dtype, on the input's device."""
 
 from __future__ import annotations

@@ -110,7 +110,7 @@ class Approximant:
     def derivative_error(self, beta: float, g: int) -> float:
         """Certified bound on max |P'(s) - e^s| / e^s over |s| <= beta for the float64 coefficients.
 
-        This is eps'(beta, g) of DESIGN 5.5; the gradient certificate (plan/certificate.py,
+        This is eps'(beta, g) of docs/design.md#gradients; the gradient certificate (planning/certificate.py,
         docs/torch.md) is built from it and from ``certified_error``."""
         beta = float(beta)
         # float64 rounding of each c_t: relative <= 4u, so |dP'| <= 4u sum_t t |c_t| beta^(t-1)
@@ -134,7 +134,7 @@ class Chebyshev(Approximant):
     exp(beta t) = I_0(beta) + 2 sum_{k>=1} I_k(beta) T_k(t) (Abramowitz & Stegun 9.6.34), so the
     truncation error is at most 2 sum_{k>g} I_k(beta) <= 2 I_{g+1}(beta) / (1 - beta / (2(g+2)))
     using I_{k+1}(beta) <= beta I_k(beta) / (2(k+1)); dividing by min e^s = e^-beta gives the
-    relative bound (DESIGN 5.2).
+    relative bound (docs/design.md#the-certificate).
     """
 
     name = "chebyshev"
@@ -165,7 +165,7 @@ class Chebyshev(Approximant):
 
     def derivative_truncation_error(self, beta: float, g: int) -> float:
         # P_g' - e^s = -d/ds sum_{k>g} 2 I_k(beta) T_k(s/beta) and |T_k'| <= k^2 on [-1, 1] (Markov),
-        # so |P_g' - e^s| <= beta^-1 sum_{k>g} 2 k^2 I_k(beta); divide by min e^s = e^-beta (DESIGN 5.5)
+        # so |P_g' - e^s| <= beta^-1 sum_{k>g} 2 k^2 I_k(beta); divide by min e^s = e^-beta (docs/design.md#gradients)
         if beta == 0.0:
             return 0.0 if g >= 1 else 1.0  # Taylor coefficients at beta = 0: P' = 1 = e^0 once g >= 1
         K = g + 1 + max(64, 2 * math.ceil(beta))

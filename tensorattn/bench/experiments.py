@@ -243,29 +243,21 @@ def grad_experiment(suite: Suite, progress=None, d: int = 8, tol: float = 1e-3) 
 
 
 _RSS_SCRIPT = r"""
-import json, re, resource, sys, time
+import json, sys, time
 import numpy as np, torch
 import tensorattn as ta
-
-
-def peak_kib():
-    # VmHWM is this process's own high-water mark; ru_maxrss would also count the parent's pages
-    # that the kernel folds in at exec time
-    try:
-        return int(re.search(r"VmHWM:\s+(\d+)", open("/proc/self/status").read()).group(1))
-    except (OSError, AttributeError):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-
+from tensorattn.bench.measure import process_peak_rss_mib
 
 n, d, rows = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 rng = np.random.default_rng(0)
 q, k, v = (torch.from_numpy(rng.uniform(-1, 1, (n, d)).astype(np.float32)) for _ in range(3))
 ta.attention(q[:64], k[:256], v[:256], backend="exact", scale=1 / d)
-before = peak_kib()
+before = process_peak_rss_mib()
 t0 = time.perf_counter()
 out = ta.attention(q[:rows], k, v, backend="exact", scale=1 / d)
 seconds = time.perf_counter() - t0
-print(json.dumps(dict(before_kib=before, peak_kib=peak_kib(), seconds=seconds, finite=bool(torch.isfinite(out).all()))))
+print(json.dumps(dict(before_mib=before, peak_mib=process_peak_rss_mib(), seconds=seconds,
+                      finite=bool(torch.isfinite(out).all()))))
 """
 
 
@@ -280,5 +272,5 @@ def exact_peak_rss(suite: Suite, d: int = 8) -> dict:
     if proc.returncode != 0:
         return dict(n=n, d=d, rows=rows, error=proc.stderr.strip().splitlines()[-1:] or ["failed"])
     res = json.loads(proc.stdout.strip().splitlines()[-1])
-    return dict(n=n, d=d, rows=rows, peak_rss_mib=res["peak_kib"] / 1024, before_call_rss_mib=res["before_kib"] / 1024,
+    return dict(n=n, d=d, rows=rows, peak_rss_mib=res["peak_mib"], before_call_rss_mib=res["before_mib"],
                 seconds=res["seconds"], finite=res["finite"], dense_scores_mib=n * n * 4 / 2**20)

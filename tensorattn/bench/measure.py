@@ -94,6 +94,28 @@ def _proc_kib(field: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def process_peak_rss_mib() -> float:
+    """This process's own peak resident set (VmHWM, Linux). ``ru_maxrss`` is the fallback elsewhere;
+    on Linux it can include the parent's pages at exec, which VmHWM does not."""
+    kib = _proc_kib("VmHWM")
+    if kib is None:  # pragma: no cover - not Linux
+        import resource
+
+        kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kib / 1024.0
+
+
+def best_of(fn: Callable[[], object], repeats: int) -> tuple[float, object]:
+    """The fastest of ``repeats`` timed calls (seconds) and the last result: for scripts that
+    compare one size against another in the same run."""
+    best, result = float("inf"), None
+    for _ in range(max(1, repeats)):
+        t0 = time.perf_counter()
+        result = fn()
+        best = min(best, time.perf_counter() - t0)
+    return best, result
+
+
 def _release_free_memory() -> None:
     """Return freed heap pages to the OS so a case cannot hide its peak in memory a previous case
     left resident (glibc keeps freed blocks below its mmap threshold)."""

@@ -1,4 +1,4 @@
-"""results.json, results.csv and report.md: the environment, the DESIGN 7 targets side by side with
+"""results.json, results.csv and report.md: the environment, the performance targets side by side with
 the measured ratios, per-spec tables and the figures with captions."""
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ def _fmt_ratio(x: float | None) -> str:
 
 
 def targets(rows: list[dict], experiments: dict, suite) -> list[dict]:
-    """DESIGN 7 targets next to what this run measured."""
+    """The performance targets (docs/design.md#performance-targets) next to what this run measured."""
     out = []
     base = dict(d=8, B=1.0, tol=1e-3, causal=False)
     n = suite.target_n
@@ -289,7 +289,7 @@ def markdown(results: dict, image_prefix: str = "") -> str:
     busy = _busy_note(results)
     if busy:
         lines += ["", f"> **Note:** {busy}"]
-    lines += ["", "## DESIGN §7 targets and what this run measured\n",
+    lines += ["", "## Performance targets and what this run measured\n",
               "All ratios come from this one run (same machine, same process). Entries uniform in "
               "[−1, 1], `scale = 1/d`, `tol = 1e-3`.\n",
               "| workload | target | measured | met |", "|---|---|---|---|"]

@@ -2,7 +2,7 @@
 
 A ``Case`` is one row of results.csv: (spec, backend, n, d, B, tol, causal). Inputs are uniform in
 [-B, B] for q and the keys and in [-1, 1] for the values, with ``scale = 1/d`` (the papers'
-convention, so B is the papers' entry bound; DESIGN 5.3, 7).
+convention, so B is the papers' entry bound; docs/design.md#the-bound-check).
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ class Suite:
     needle_points: int = 40
     # forward + backward (training step) sizes, pairwise
     grad_ns: tuple[int, ...] = (1024, 4096)
-    # DESIGN 7 headline sizes
+    # the headline sizes of the performance targets
     target_n: int = 65536
     triple_target_n: int = 1024
     gemm_n: int = 65536
