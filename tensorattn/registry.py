@@ -40,6 +40,7 @@ class Backend:
     """A way to compute attention.
 
     ``serves(spec, problem)`` returns True, or a ``Refusal`` whose ``reason`` says why not;
+    ``problem`` is None when only the spec is known (an nn module checks at construction).
     ``run(plan, ops)`` computes the result for validated operands under the plan's decisions.
     """
 
@@ -47,7 +48,7 @@ class Backend:
     #: True when the backend's result carries a certified error bound
     certified = False
 
-    def serves(self, spec: "Spec", problem: "Problem") -> "bool | Refusal":
+    def serves(self, spec: "Spec", problem: "Problem | None") -> "bool | Refusal":
         return True
 
     def run(self, plan: "Plan", ops: "Operands") -> "torch.Tensor":  # pragma: no cover - abstract

@@ -19,6 +19,7 @@ from .. import positional
 from ..api import AttentionInfo, attend
 from ..checks import check_number
 from ..errors import InputError, SpecError
+from ..registry import get_backend
 from ..request import Request, with_call_signature
 from ..spec import Spec, get_spec
 
@@ -59,9 +60,13 @@ class _SpecModule(nn.Module):
         self.spec = _resolve_spec(spec)
         self.request, resolved = Request.from_call(self.spec, **options)
         positional.check_options(self.spec.positional, resolved)
-        if self.request.backend != "auto" and self.request.backend == "poly":
-            if not (self.spec.separable or self.spec.positional == "relative"):
-                raise InputError(f"backend='poly' does not serve spec {self.spec.name!r}; use 'exact' or 'auto'")
+        if self.request.backend != "auto":
+            serves = get_backend(self.request.backend).serves(self.spec, None)
+            if not serves:
+                raise InputError(
+                    f"backend={self.request.backend!r} cannot serve spec {self.spec.name!r}: {serves.reason}. "
+                    "Fix: backend='auto' or 'exact'"
+                )
         #: the options given at construction (request knobs are in ``request``)
         self.spec_options = {key: resolved[key] for key in options if key in self.spec.options}
 
