@@ -2,7 +2,7 @@
 
 >>> import tensorattn as ta
 >>> ta.list_specs()
-['pairwise', 'relative', 'rope', 'triple']
+['pairwise', 'relative', 'rope', 'strassen', 'tree', 'triple']
 
 The subpackages ``ta.nn``, ``ta.distributed``, ``ta.backends`` and ``ta.bench`` load on first
 use; planning (``ta.plan``) loads no backend code.

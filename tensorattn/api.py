@@ -137,9 +137,10 @@ def check_bounds(q: Any, k: Any, v: Any = None, *, spec: str | Spec = "pairwise"
     request, spec_options = Request.from_call(spec_obj, **options)
     if v is None:
         # the check needs no values: plan with unit values under the default value einsum
-        spec_obj = Spec(spec_obj.name, spec_obj.score, positional=spec_obj.positional, options=spec_obj.options)
+        spec_obj = Spec(spec_obj.name, spec_obj.score, positional=spec_obj.positional, options=spec_obj.options,
+                        coefficients=spec_obj.coefficients, block_sizes=spec_obj.block_sizes)
         keys = list(k) if spec_obj.order > 2 else [k]
         v = [torch.ones(*tuple(np.shape(x))[: np.ndim(x) - len(f)], 1)
-             for x, f in zip(keys, spec_obj.score_einsum.features[1:])]
+             for x, f in zip(keys, spec_obj.slots.features[1:])]
         v = v[0] if spec_obj.order == 2 else v
     return plan_for(prepare(spec_obj, q, k, v, request, spec_options), request)

@@ -29,5 +29,7 @@ def valid_names(name: object, valid: Iterable[str]) -> str:
     close = difflib.get_close_matches(name, names, n=3) if isinstance(name, str) else []
     listing = ", ".join(repr(v) for v in names)
     if close:
-        return f"{listing} (did you mean {' or '.join(repr(c) for c in close)}?)"
+        quoted = [repr(c) for c in close]
+        guess = quoted[0] if len(quoted) == 1 else ", ".join(quoted[:-1]) + " or " + quoted[-1]
+        return f"{listing} (did you mean {guess}?)"
     return listing

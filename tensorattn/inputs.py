@@ -145,8 +145,9 @@ def _as_list(x: Any, name: str, count: int, spec: Spec) -> list:
 
 
 def _shapes(spec: Spec, arrays: list[torch.Tensor], names: list[str]) -> tuple[tuple[int, ...], dict[str, int]]:
-    """Leading dims (equal for every operand) and the size of every contracted index."""
-    se = spec.score_einsum
+    """Leading dims (equal for every operand) and the size of every feature index (for a slot that
+    concatenates per-term blocks, the size of each block letter too)."""
+    se = spec.slots
     sizes: dict[str, int] = {}
     lead: tuple[int, ...] | None = None
     for slot, (t, nm, feats) in enumerate(zip(arrays, names, se.features)):
@@ -168,11 +169,57 @@ def _shapes(spec: Spec, arrays: list[torch.Tensor], names: list[str]) -> tuple[t
             if letter in sizes and sizes[letter] != size:
                 raise InputError(
                     f"size of index {letter!r} for {nm} ({size}) does not match previous operands "
-                    f"({sizes[letter]}); spec {spec.score!r} contracts {letter!r} across operands"
+                    f"({sizes[letter]}); spec {spec.name!r} contracts {letter!r} across operands"
                 )
             sizes[letter] = int(size)
     assert lead is not None
+    for slot, blocks in enumerate(se.blocks):
+        if blocks:
+            _block_sizes(spec, slot, blocks, sizes[se.features[slot]], names[slot], sizes)
     return lead, sizes
+
+
+def term_operands(spec: Spec, sizes: dict[str, int], arrays: list[torch.Tensor], term) -> list[torch.Tensor]:
+    """The arrays of one term's operands (slot tiles in ``arrays``, query first): the slot's array,
+    or the term's block of a slot that concatenates per-term blocks (a slice of its last axis)."""
+    lay = spec.slots
+    out = []
+    for slot, feats in zip(term.slots, term.einsum.features):
+        blocks = lay.blocks[slot]
+        x = arrays[slot]
+        if blocks:
+            start = sum(sizes[b] for b in blocks[: blocks.index(feats)])
+            x = x[..., start: start + sizes[feats]]
+        out.append(x)
+    return out
+
+
+def _block_sizes(spec: Spec, slot: int, blocks: tuple[str, ...], width: int, name: str,
+                 sizes: dict[str, int]) -> None:
+    """Split a slot's feature axis into its per-term blocks: given sizes, or equal parts."""
+    given = dict(spec.block_sizes or {})
+    if all(b in given for b in blocks):
+        parts = [given[b] for b in blocks]
+        if sum(parts) != width:
+            raise InputError(
+                f"{name} has {width} features, but spec {spec.name!r} splits slot {spec.tokens[slot]!r} into "
+                f"blocks {dict(zip(blocks, parts))} (sum {sum(parts)}); they must add up to its feature size"
+            )
+    else:
+        if width % len(blocks):
+            raise InputError(
+                f"{name} has {width} features, which do not split equally into the {len(blocks)} blocks "
+                f"{list(blocks)} of slot {spec.tokens[slot]!r} (one per term that names it). Fix: use a multiple "
+                f"of {len(blocks)} features, or give Spec(..., block_sizes={{...}})"
+            )
+        parts = [width // len(blocks)] * len(blocks)
+    for b, size in zip(blocks, parts):
+        if b in sizes and sizes[b] != size:
+            raise InputError(
+                f"block {b!r} of {name} has {size} features but another operand gives {b!r} size {sizes[b]}; "
+                "the terms contract it across operands, so the sizes must agree"
+            )
+        sizes[b] = size
 
 
 def _value_sizes(spec: Spec, values: list[torch.Tensor], names: list[str], knames: list[str],

@@ -129,6 +129,18 @@ class Request:
 
 
 @dataclass(frozen=True)
+class TermStats:
+    """Bound statistics of one term of an attention polynomial: its score radius ``beta``, its
+    entry bound ``B``, the number of slots it names (``order``, which sets its threshold) and its
+    contracted dimension ``D``."""
+
+    beta: float
+    B: float
+    order: int
+    D: int
+
+
+@dataclass(frozen=True)
 class Problem:
     """Sizes and bound statistics of one call: what the planner decides on.
 
@@ -137,7 +149,8 @@ class Problem:
     flattened output value size, ``Z`` the product of the batch dims. ``beta`` bounds every
     |score|, ``B`` is the papers' entry bound, ``vmax`` bounds |value of a key tuple|. ``dtype`` is
     the compute dtype of the inputs ("float32" or "float64"). For spec ``relative``, ``relative``
-    is the support of W and ``alibi_slope`` its decay.
+    is the support of W and ``alibi_slope`` its decay. For an attention polynomial ``terms`` holds
+    each term's statistics; ``beta`` is then the radius of the whole score (the sum of the terms').
     """
 
     spec: Spec
@@ -157,6 +170,10 @@ class Problem:
     q_offset: int = 0
     relative: Any = None
     alibi_slope: float = 0.0
+    #: per-term statistics of an attention polynomial (empty for a single-term spec)
+    terms: tuple[TermStats, ...] = ()
+    #: the shape of each key slot's value per token (value_dims flattens them)
+    value_shapes: tuple[tuple[int, ...], ...] = ()
 
     @property
     def order(self) -> int:

@@ -29,6 +29,28 @@ def _rope_np(x: np.ndarray, pos: np.ndarray, base: float, layout: str) -> np.nda
     return out
 
 
+def _block_views(spec: Spec, arrays: list[np.ndarray]) -> tuple[dict[str, int], list[dict[str, np.ndarray]]]:
+    """Sizes of every feature letter, and for each slot its array per feature subscript: the array
+    itself, or, for a slot that concatenates per-term blocks, each block (a slice of its last axis)."""
+    lay = spec.slots
+    sizes: dict[str, int] = {}
+    for x, f in zip(arrays, lay.features):
+        for c, s_ in zip(f, x.shape[x.ndim - len(f):]):
+            sizes[c] = s_
+    views: list[dict[str, np.ndarray]] = []
+    for x, f, blocks in zip(arrays, lay.features, lay.blocks):
+        if not blocks:
+            views.append({f: x})
+            continue
+        given = dict(spec.block_sizes or {})
+        parts = [given[b] for b in blocks] if all(b in given for b in blocks) else \
+            [x.shape[-1] // len(blocks)] * len(blocks)
+        starts = np.cumsum([0, *parts])
+        views.append({b: x[..., starts[i]:starts[i + 1]] for i, b in enumerate(blocks)})
+        sizes.update(zip(blocks, parts))
+    return sizes, views
+
+
 def reference_attention(
     q: Any,
     k: Any,
@@ -43,52 +65,68 @@ def reference_attention(
     rel: Any = None,
     alibi_slope: float | None = None,
 ) -> np.ndarray:
-    """Brute-force float64 attention: materialize every score, softmax jointly over key tuples."""
+    """Brute-force float64 attention: materialize every score, softmax jointly over key tuples.
+
+    For an attention polynomial the score is the sum of its terms (each term's einsum broadcast
+    over the slots it does not name, times its coefficient), all times ``scale``. Causal: for a
+    tree every child's position is at most its parent's; otherwise every key's is at most the
+    query's."""
     spec = get_spec(spec)
-    se, ve = spec.score_einsum, spec.value_einsum
+    lay, ve = spec.slots, spec.value_einsum
     nk = spec.order - 1
     ks = [k] if spec.order == 2 and not isinstance(k, (list, tuple)) else list(k)
     vs = [v] if spec.order == 2 and not isinstance(v, (list, tuple)) else list(v)
     f64 = lambda a: np.asarray(a.detach().cpu() if hasattr(a, "detach") else a, dtype=np.float64)  # noqa: E731
     q, ks, vs = f64(q), [f64(x) for x in ks], [f64(x) for x in vs]
-    n = q.shape[-1 - len(se.features[0])]
-    ms = [x.shape[-1 - len(f)] for x, f in zip(ks, se.features[1:])]
-    D = math.prod(q.shape[-len(se.features[0]):]) if spec.positional is None else q.shape[-1]
-    if spec.positional is None:
-        sizes = {}
-        for x, f in zip([q, *ks], se.features):
-            for c, s_ in zip(f, x.shape[x.ndim - len(f):]):
-                sizes[c] = s_
-        D = math.prod(sizes[c] for c in se.contracted)
-    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    arrays = [q, *ks]
+    n = q.shape[-1 - len(lay.features[0])]
+    ms = [x.shape[-1 - len(f)] for x, f in zip(ks, lay.features[1:])]
     qpos = np.arange(n) + q_offset
     kpos = [np.arange(m) for m in ms]
     if spec.positional == "rope":
-        q = _rope_np(q, qpos.astype(np.float64), rope_base, rope_layout)
-        ks = [_rope_np(ks[0], kpos[0].astype(np.float64), rope_base, rope_layout)]
+        arrays = [_rope_np(arrays[0], qpos.astype(np.float64), rope_base, rope_layout),
+                  _rope_np(arrays[1], kpos[0].astype(np.float64), rope_base, rope_layout)]
+    sizes, views = _block_views(spec, arrays)
+    D = spec.feature_dim(sizes)
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
     ell = "..."
     if spec.positional == "relative":
         W = f64(rel)
         idx = qpos[:, None] - kpos[0][None, :] + (ms[0] - 1)
-        s = np.einsum("...ia,ijab,...jb->...ij", q, W[idx], ks[0]) * scale
+        s = np.einsum("...ia,ijab,...jb->...ij", arrays[0], W[idx], arrays[1]) * scale
         if alibi_slope:
             s = s - alibi_slope * np.abs(qpos[:, None] - kpos[0][None, :])
     else:
-        expr = ",".join(ell + op for op in se.operands) + "->" + ell + se.output
-        s = np.einsum(expr, q, *ks) * scale
+        s = 0.0
+        for term in spec.terms:
+            ops = [views[slot][f] for slot, f in zip(term.slots, term.einsum.features)]
+            t = np.einsum(",".join(ell + op for op in term.einsum.operands) + "->" + ell + term.einsum.output, *ops)
+            # move the term's slot axes to their global positions, size 1 on the others
+            lead = t.ndim - term.order
+            order = np.argsort(term.slots)
+            t = np.transpose(t, [*range(lead), *(lead + o for o in order)])
+            shape = list(t.shape[:lead]) + [1] * spec.order
+            for slot in sorted(term.slots):
+                shape[lead + slot] = (n, *ms)[slot]
+            s = s + term.coefficient * t.reshape(shape)
+        s = np.asarray(s) * scale
     if causal:
+        pos = [qpos, *kpos]
         mask = np.ones(s.shape[-spec.order:], dtype=bool)
-        for slot in range(nk):
-            ok = kpos[slot][None, :] <= qpos[:, None]
-            shape = [n] + [1] * nk
-            shape[1 + slot] = ms[slot]
+        for child, parent in spec.structure.causal_pairs:
+            ok = pos[child][None, :] <= pos[parent][:, None]  # (parent tokens, child tokens)
+            shape = [1] * spec.order
+            shape[parent], shape[child] = ok.shape
+            if child < parent:
+                ok = ok.T
+                shape[child], shape[parent] = ok.shape
             mask = mask & ok.reshape(shape)
         s = np.where(mask, s, -np.inf)
     axes = tuple(range(s.ndim - nk, s.ndim))
     s = s - s.max(axis=axes, keepdims=True)
     p = np.exp(s)
     p = p / p.sum(axis=axes, keepdims=True)
-    vexpr = ell + se.output + "," + ",".join(ell + op for op in ve.operands) + "->" + ell + ve.output
+    vexpr = ell + "".join(lay.tokens) + "," + ",".join(ell + op for op in ve.operands) + "->" + ell + ve.output
     return np.einsum(vexpr, p, *vs)
 
 
@@ -111,14 +149,17 @@ def random_inputs(
     Every contracted index has size d unless ``sizes`` says otherwise; value indices have size e.
     """
     spec = get_spec(spec)
-    se, ve = spec.score_einsum, spec.value_einsum
+    lay, ve = spec.slots, spec.value_einsum
     rng = np.random.default_rng(seed)
     m = n if m is None else m
     e = d if e is None else e
-    sizes = {c: d for c in se.contracted} | (sizes or {})
+    sizes = {c: d for c in spec.contracted} | dict(spec.block_sizes or {}) | (sizes or {})
+    for f, blocks in zip(lay.features, lay.blocks):
+        if blocks:  # a slot that concatenates per-term blocks: one axis, the sum of the blocks
+            sizes[f] = sum(sizes[b] for b in blocks)
     draw = lambda shape: rng.uniform(-bound, bound, size=shape).astype(dtype)  # noqa: E731
-    q = draw((*batch, n, *[sizes[c] for c in se.features[0]]))
-    ks = [draw((*batch, m, *[sizes[c] for c in f])) for f in se.features[1:]]
+    q = draw((*batch, n, *[sizes[c] for c in lay.features[0]]))
+    ks = [draw((*batch, m, *[sizes[c] for c in f])) for f in lay.features[1:]]
     vs = [rng.uniform(-1, 1, size=(*batch, m, *[e] * len(letters))).astype(dtype) for letters in ve.value_letters]
     if spec.order == 2:
         return q, ks[0], vs[0]

@@ -15,7 +15,7 @@ from functools import lru_cache
 import opt_einsum
 import torch
 
-from ..inputs import Operands
+from ..inputs import Operands, term_operands
 from ..positional import alibi_bias, relative_offsets
 from ..registry import Backend
 
@@ -35,17 +35,23 @@ class TileEngine:
 
     def __init__(self, ops: Operands, budget_bytes: int):
         spec = ops.spec
-        se, ve = spec.score_einsum, spec.value_einsum
+        lay, ve = spec.slots, spec.value_einsum
         self.ops = ops
         self.order = spec.order
         self.scale = ops.scale
         self.relative = spec.positional == "relative"
         self.slope = ops.alibi_slope if self.relative else 0.0
-        self.score_expr = ",".join("..." + op for op in se.operands) + "->..." + se.output
-        self.value_expr = (
-            "..." + se.output + "," + ",".join("..." + op for op in ve.operands) + "->..." + ve.output
-        )
+        tokens = "".join(lay.tokens)
+        if spec.is_polynomial:  # a sum of terms: each term's einsum, placed on the slots it names
+            self.score_expr = None
+            self.term_exprs = [",".join("..." + op for op in t.einsum.operands) + "->..." + t.einsum.output
+                               for t in spec.terms]
+        else:
+            se = spec.score_einsum
+            self.score_expr = ",".join("..." + op for op in se.operands) + "->..." + se.output
+        self.value_expr = "..." + tokens + "," + ",".join("..." + op for op in ve.operands) + "->..." + ve.output
         self.causal = ops.causal
+        self.causal_pairs = spec.structure.causal_pairs
         self.q_pos = ops.q_positions()
         self.k_pos = [ops.k_positions(s) for s in range(self.order - 1)]
         # tile sizes from the memory budget: a tile holds ~ (4 + d^2 for relative) floats per tuple
@@ -77,19 +83,37 @@ class TileEngine:
             s = contract("...ia,ijab,...jb->...ij", q, rel[idx], ks[0]) * self.scale
             if self.slope:
                 s = s + alibi_bias(self.slope, qp, kp, s.dtype)
+        elif self.score_expr is None:
+            s = self._polynomial_scores([q, *ks]) * self.scale
         else:
             s = contract(self.score_expr, q, *ks) * self.scale
         if self.causal:
-            qp = self.q_pos[i0: i0 + q.shape[1]]
+            pos = [self.q_pos[i0: i0 + q.shape[1]]] + [self.k_pos[s_][a:b] for s_, (a, b) in enumerate(spans)]
             mask = None
-            for slot, (j0, j1) in enumerate(spans):
-                ok = self.k_pos[slot][j0:j1][None, :] <= qp[:, None]  # (bq, b)
-                shape = [ok.shape[0]] + [1] * (self.order - 1)
-                shape[1 + slot] = ok.shape[1]
+            for later, earlier in self.causal_pairs:
+                ok = pos[later][None, :] <= pos[earlier][:, None]  # (earlier tokens, later tokens)
+                if later < earlier:
+                    ok = ok.T
+                shape = [1] * self.order
+                shape[min(later, earlier)], shape[max(later, earlier)] = ok.shape
                 ok = ok.reshape(shape)
                 mask = ok if mask is None else mask & ok
             s = s.masked_fill(~mask, float("-inf"))
         return s
+
+    def _polynomial_scores(self, tiles: list[torch.Tensor]) -> torch.Tensor:
+        """sum_t coefficient_t * term_t over a tile of key tuples: (Z', bq, b_1, ..., b_{k-1})."""
+        spec = self.ops.spec
+        full = [tiles[0].shape[0]] + [t.shape[1] for t in tiles]
+        total = None
+        for term, expr in zip(spec.terms, self.term_exprs):
+            t = contract(expr, *term_operands(spec, self.ops.sizes, tiles, term))
+            order = sorted(range(term.order), key=lambda a: term.slots[a])
+            t = t.permute(0, *(1 + a for a in order))  # the term's slot axes in global slot order
+            shape = [full[0]] + [full[1 + s] if s in term.slots else 1 for s in range(self.order)]
+            t = t.reshape(shape) * term.coefficient
+            total = t if total is None else total + t
+        return total.expand(full)
 
     def values(self, p: torch.Tensor, vs: list[torch.Tensor]) -> torch.Tensor:
         return contract(self.value_expr, p, *vs)

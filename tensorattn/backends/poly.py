@@ -19,13 +19,15 @@ from __future__ import annotations
 import math
 import string
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Callable
 
+import opt_einsum
 import torch
 
 from ..approx.features import augment, feature_map, query_weights
 from ..approx.polynomials import get_approximant
-from ..inputs import Operands
+from ..inputs import Operands, term_operands
 from ..registry import Backend, Refusal
 from .exact import contract
 from .relative_fft import relative_attention
@@ -203,6 +205,53 @@ def polynomial_engine(plan, ops: Operands) -> FactorizedAttention:
     )
 
 
+def term_features(plan, ops: Operands, dtype: torch.dtype) -> list[torch.Tensor]:
+    """Feature matrices (Z, N, r_t) of every term operand, term by term, in the order of the plan's
+    networks. Each term's coefficients (c_t, (coefficient * scale)^t, multinomials) sit on its first
+    operand."""
+    spec, cert = ops.spec, plan.certificate
+    approx = get_approximant(plan.approximant)
+    arrays = [x.to(dtype) for x in (ops.q, *ops.keys)]
+    out = []
+    for term, stats, tc in zip(spec.terms, plan.problem.terms, cert.terms):
+        g = tc.degree
+        D = stats.D
+        coeffs = approx.coefficients(float(stats.beta), g)
+        w = torch.as_tensor(query_weights(coeffs, ops.scale * term.coefficient, D, g), dtype=dtype,
+                            device=ops.q.device)
+        for a, (x, feats) in enumerate(zip(term_operands(spec, ops.sizes, arrays, term), term.einsum.features)):
+            phi = feature_map(expand_operand(x, feats, term.contracted, ops.sizes), g)
+            out.append(phi * w if a == 0 else phi)
+    return out
+
+
+def network_attention(plan, ops: Operands) -> torch.Tensor:
+    """An attention polynomial under the polynomial method: the plan's tensor network(s) over the
+    terms' feature matrices, contracted in the order opt_einsum chose."""
+    dtype = _DTYPES[plan.certificate.feature_dtype]
+    features = term_features(plan, ops, dtype)
+    Z = ops.q.shape[0]
+    results = []
+    for net in plan.networks:
+        if net.augmented:
+            values = [augment(v.to(dtype).reshape(Z, v.shape[1], -1)) for v in ops.values]
+        else:
+            values = [v.to(dtype) for v in ops.values] if net.with_values else []
+        operands = [*features, *values]
+        results.append(_network_expression(net)(*operands, backend="torch"))
+    if plan.networks[0].augmented:
+        out = results[0][..., :-1] / results[0][..., -1:]
+    else:
+        num, den = results
+        out = num / den.reshape(*den.shape, *([1] * (num.ndim - den.ndim)))
+    return out.reshape(Z, ops.n, *ops.out_value_shape).to(ops.dtype)
+
+
+@lru_cache(maxsize=128)
+def _network_expression(net):
+    return opt_einsum.contract_expression(net.expr, *net.shapes, optimize=[tuple(p) for p in net.path])
+
+
 class PolyBackend(Backend):
     """Certified polynomial-method attention for separable specs (pairwise, triple, order-k, rope,
     custom einsum specs) and, through FFT-Toeplitz products, spec ``relative``; causal or not."""
@@ -211,6 +260,11 @@ class PolyBackend(Backend):
     certified = True
 
     def serves(self, spec, problem) -> bool | Refusal:
+        if spec.is_polynomial and problem is not None and problem.causal:
+            return Refusal(
+                f"causal masking of the attention polynomial {spec.name!r} ({spec.structure.kind}) has no "
+                "fast factorized form here; run it with backend='exact'"
+            )
         if spec.separable or spec.positional == "relative":
             return True
         return Refusal("its score is not a sum of products of per-token factors")
@@ -218,4 +272,6 @@ class PolyBackend(Backend):
     def run(self, plan, ops: Operands) -> torch.Tensor:
         if ops.spec.positional == "relative":
             return relative_attention(plan, ops)
+        if ops.spec.is_polynomial:
+            return network_attention(plan, ops)
         return polynomial_engine(plan, ops).run()

@@ -35,8 +35,8 @@ def _resolve_spec(spec: str | Spec) -> Spec:
 
 
 def _spec_state(spec: Spec) -> tuple:
-    # Spec keeps its options in a read-only mappingproxy, which does not pickle; store the fields
-    return (spec.name, spec.score, spec.value, spec.positional, dict(spec.options), spec.description)
+    # Spec keeps its options in a read-only mappingproxy, which does not pickle; store its fields
+    return spec.__reduce__()[1]
 
 
 def _request_field(name: str) -> property:
@@ -155,7 +155,7 @@ class TensorAttention(_SpecModule):
 def _one_feature_per_slot(spec: Spec) -> None:
     """MultiheadTensorAttention projects each token to one head_dim vector per slot and combines
     values entrywise; refuse specs whose operands carry other shapes, with the alternative."""
-    se, ve = spec.score_einsum, spec.value_einsum
+    se, ve = spec.slots, spec.value_einsum
     for op, feats in zip(se.operands, se.features):
         if len(feats) != 1:
             raise SpecError(

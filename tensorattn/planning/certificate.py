@@ -120,6 +120,93 @@ def certify_degree(approx: Approximant, beta: float, g: int, D: int, m: int, ord
 
 
 @dataclass(frozen=True)
+class PolynomialCertificate:
+    """The certificate of an attention polynomial: one polynomial per term.
+
+    Every term's weight is within relative eps_t of exp(term), so the weight of a key tuple, the
+    product over terms, is within prod_t (1 + eps_t) - 1 (``weight_error``); the transfer lemma
+    turns that into ``output_error`` (per unit of max|v|), for any n."""
+
+    terms: tuple[Certificate, ...]
+    weight_error: float
+    output_error: float
+    feature_dtype: str
+
+    @property
+    def degree(self) -> int:
+        """The largest degree over the terms (``degrees`` has each)."""
+        return max(c.degree for c in self.terms)
+
+    @property
+    def degrees(self) -> tuple[int, ...]:
+        return tuple(c.degree for c in self.terms)
+
+    @property
+    def ranks(self) -> tuple[int, ...]:
+        return tuple(c.rank for c in self.terms)
+
+    @property
+    def rank(self) -> int:
+        """The largest feature rank over the terms."""
+        return max(self.ranks)
+
+    @property
+    def approx_error(self) -> float:
+        return math.prod(1.0 + c.approx_error for c in self.terms) - 1.0
+
+    @property
+    def roundoff(self) -> float:
+        return self.weight_error - self.approx_error
+
+    @property
+    def grad_factor(self) -> float:
+        """No gradient certificate is derived for attention polynomials (autograd still runs)."""
+        return math.inf
+
+
+def weight_budget(tol: float) -> float:
+    """The largest relative weight error eps whose output error (transfer lemma) is <= tol:
+    2 eps / (1 + sqrt(1 - eps^2)) = 2 tan(theta / 2) for eps = sin(theta)."""
+    return tol / (1.0 + tol * tol / 4.0)
+
+
+def choose_polynomial_certificate(approx: Approximant, terms, tol: float, m: int, *, input_dtype: str,
+                                  max_degree: int, feature_dtype: str | None = None,
+                                  degree: int | None = None) -> PolynomialCertificate | None:
+    """Per term, the smallest degree whose certified relative error (approximation + roundoff)
+    fits its share of the budget: (1 + eps_t)^T <= 1 + eps with output_error(eps) <= tol.
+    ``terms`` are the TermStats; a pinned ``degree`` is used for every term as it is."""
+    if not all(t.beta <= MAX_CERTIFIABLE_BETA for t in terms):
+        return None
+    share = (1.0 + weight_budget(tol)) ** (1.0 / len(terms)) - 1.0
+    dtypes = [feature_dtype] if feature_dtype else (["float32", "float64"] if input_dtype == "float32"
+                                                   else ["float64"])
+    for dtype in dtypes:
+        if dtype == "float32" and feature_dtype is None and max(t.beta for t in terms) > FLOAT32_MAX_BETA:
+            continue
+        certs = []
+        for t in terms:
+            found = None
+            for g in (range(0, max_degree + 1) if degree is None else (degree,)):
+                if degree is None and approx.truncation_error(t.beta, g) > share:
+                    continue
+                cert = certify(approx, t.beta, g, t.D, m, t.order, dtype)
+                if degree is not None or cert.weight_error <= share:
+                    found = cert
+                    break
+            if found is None:
+                break
+            certs.append(found)
+        else:
+            eps = math.prod(1.0 + c.weight_error for c in certs) - 1.0
+            rnd = eps - (math.prod(1.0 + c.approx_error for c in certs) - 1.0)
+            if dtype == "float32" and feature_dtype is None and rnd > tol / 2:
+                continue  # float32 roundoff would use more than half of tol: use float64
+            return PolynomialCertificate(tuple(certs), eps, output_error(eps), dtype)
+    return None
+
+
+@dataclass(frozen=True)
 class GradientBound:
     """Certified bounds on the gradient error of the poly surrogate, per input (docs/torch.md).
 
@@ -164,7 +251,6 @@ def certify_gradients(plan, ops, maxima) -> GradientBound | None:
     from .bounds import _missing_factor
 
     spec = ops.spec
-    se, ve = spec.score_einsum, spec.value_einsum
     k = spec.order
     nk = k - 1
     names = ("q", "k", "v") if nk == 1 else (
@@ -173,8 +259,9 @@ def certify_gradients(plan, ops, maxima) -> GradientBound | None:
         zeros = (0.0,) * len(names)
         return GradientBound(names, zeros, zeros)
     cert = plan.certificate
-    if plan.backend != "poly" or cert is None:
-        return None
+    if plan.backend != "poly" or cert is None or spec.is_polynomial:
+        return None  # no certificate, or an attention polynomial (no gradient certificate derived)
+    se, ve = spec.score_einsum, spec.value_einsum
     eps, eta = cert.weight_error, cert.grad_factor
     pf = 2.0 * eps / (1.0 - eps) if eps < 1 else math.inf  # |p~ - p| <= pf * p (G5)
     l2, linf, vals = list(maxima.l2), list(maxima.linf), list(maxima.vals)

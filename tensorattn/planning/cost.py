@@ -26,3 +26,30 @@ def poly_flops(Z: int, n: int, ms: tuple[int, ...], r: int, E: int, value_dims: 
     queries = 2 * n * r * (E + 1)
     prefix = sum(m * r * (e + 1) for m, e in zip(ms, value_dims)) if causal else 0
     return Z * (features + stats + combine + queries + prefix)
+
+
+def polynomial_exact_flops(structure, Z: int, n: int, ms: tuple[int, ...], term_dims: tuple[int, ...], E: int,
+                           causal: bool) -> int:
+    """Exact attention-polynomial cost for the algorithm its structure allows.
+
+    A tree passes one softmax message per edge (O(N_parent N_child (D + E)) each); a cycle of
+    2-slot terms over 3 slots (the Strassen triangle) is matrix products over (i, j, k)
+    (O(n m^2 E) multiply-adds, GEMM-shaped); anything else visits every key tuple."""
+    sizes = (n, *ms)
+    if structure.kind == "tree":
+        total = 0
+        for child, parent in enumerate(structure.parent):
+            if parent is None:
+                continue
+            D = sum(d for t, d in zip(structure.terms, term_dims) if set(t.slots) <= {child, parent})
+            pairs = sizes[parent] * sizes[child] // (2 if causal else 1)
+            total += pairs * (2 * D + 2 * E + EXP_FLOPS)
+        return Z * total
+    if structure.kind == "cycle" and structure.order == 3:
+        D = sum(term_dims)
+        scores = (n * ms[0] + ms[0] * ms[1] + n * ms[1]) * (2 * D + EXP_FLOPS)
+        return Z * (scores + 2 * n * ms[0] * ms[1] * (E + 1) // (3 if causal else 1))
+    k = structure.order
+    tuples = n * math.prod(ms) // (k if causal else 1)
+    per = sum(2 * d for d in term_dims) + 2 * E * (k - 1) + EXP_FLOPS
+    return Z * tuples * per

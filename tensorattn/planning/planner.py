@@ -8,6 +8,7 @@ asks the registered backends whether they serve a problem; it never imports one.
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass, replace
 from typing import Any
@@ -20,8 +21,15 @@ from ..registry import AUTO, Backend, backends_serving, registered
 from ..request import Problem, Request, default_scale
 from ..spec import Spec, get_spec
 from .bounds import OperandMaxima, problem_for, threshold
-from .certificate import Certificate, certify_degree, choose_certificate
-from .cost import POLY_OVERHEAD, exact_flops, poly_flops
+from .certificate import (
+    Certificate,
+    PolynomialCertificate,
+    certify_degree,
+    choose_certificate,
+    choose_polynomial_certificate,
+)
+from .cost import POLY_OVERHEAD, exact_flops, poly_flops, polynomial_exact_flops
+from .network import Network, build_networks
 from .relative import (
     RELATIVE_OVERHEAD,
     RelativeSupport,
@@ -50,13 +58,18 @@ class Plan:
     request: Request
     threshold: float
     passed: bool
-    certificate: Certificate | None
+    certificate: Certificate | PolynomialCertificate | None
     flops_exact: int
     flops_poly: int | None
     backend: str
     reason: str
     #: the FFT-Toeplitz terms of the relative path (spec ``relative``), else None
     relative: RelativeTerms | None = None
+    #: an attention polynomial's tensor network(s) under the polynomial method, else None
+    networks: tuple[Network, ...] | None = None
+    #: an attention polynomial's per-term thresholds, and the term whose B / tau decides the verdict
+    term_thresholds: tuple[float, ...] = ()
+    deciding_term: int | None = None
 
     # --- the problem and request, for reading convenience
     @property
@@ -121,6 +134,12 @@ class Plan:
         return self.certificate.rank if self.certificate else None
 
     @property
+    def threshold_order(self) -> int:
+        """The k of the threshold tau_k(n) that decides the verdict (the deciding term's, for an
+        attention polynomial)."""
+        return self.problem.terms[self.deciding_term].order if self.deciding_term is not None else self.order
+
+    @property
     def verdict(self) -> str:
         return "within bound" if self.passed else "past threshold"
 
@@ -149,17 +168,32 @@ class Plan:
         return self.flops_exact if self.backend == "exact" else self.flops_poly
 
     def __repr__(self) -> str:
-        p, k, cert = self.problem, self.order, self.certificate
+        p, k, cert = self.problem, self.threshold_order, self.certificate
         m_text = str(p.ms[0]) if len(set(p.ms)) == 1 else ",".join(map(str, p.ms))
         lines = [
-            f"  Spec:               {p.spec.name}  (order {k}, score {p.spec.score!r})",
+            f"  Spec:               {p.spec.name}  (order {self.order}, score {p.spec.score!r})",
             f"  Sizes:              n={p.n}  m={m_text}  D={p.D}  e={p.E}  batch={p.Z}  causal={p.causal}",
             f"  Scale:              {p.scale:.6g}",
             f"  Entry bound B:      {p.B:.4f}   threshold tau_{k}(n) = (ln {p.n_max})^(1/{k}) = "
             f"{self.threshold:.4f}  -> {self.verdict}",
             f"  Score radius beta:  {p.beta:.4f}",
         ]
-        if cert is not None:
+        if p.terms:
+            for t, (term, st, tau) in enumerate(zip(p.spec.terms, p.terms, self.term_thresholds)):
+                deg = f", degree {cert.terms[t].degree}, rank {cert.terms[t].rank:,}" if cert is not None else ""
+                mark = "  <- decides" if t == self.deciding_term else ""
+                lines.append(f"  Term {t}:             {term.expr!r} (order {st.order}): B = {st.B:.4f} vs tau = "
+                             f"{tau:.4f}, beta = {st.beta:.4f}{deg}{mark}")
+        if isinstance(cert, PolynomialCertificate):
+            lines += [
+                f"  Polynomials:        {self.approximant}, degrees {', '.join(map(str, cert.degrees))}; ranks "
+                f"{', '.join(f'{r:,}' for r in cert.ranks)} ({cert.feature_dtype} features)",
+                f"  Certified error:    {cert.output_error:.3e} * max|v|  (tol {self.tol:.1e}; weights within "
+                f"{cert.weight_error:.2e}, roundoff {cert.roundoff:.2e})",
+            ]
+            for net in self.networks or ():
+                lines.append(f"  Network:            {net.description}")
+        elif cert is not None:
             lines += [
                 f"  Polynomial:         {self.approximant} degree {cert.degree}, rank {cert.rank:,} "
                 f"({cert.feature_dtype} features)",
@@ -182,15 +216,17 @@ class Plan:
 
 
 def _bound_message(plan: Plan, what: str) -> str:
-    k = plan.order
+    k = plan.threshold_order
     cert = plan.certificate
     need = (
         f"a certified tol={plan.tol:g} needs degree {cert.degree}, rank {cert.rank:,}"
         if cert
         else f"no degree <= max_degree={plan.request.max_degree} certifies tol={plan.tol:g}"
     )
+    t = plan.deciding_term
+    term = "" if t is None else f" term {t} ({plan.spec.terms[t].expr!r})"
     return (
-        f"{what} for spec {plan.spec.name!r} (order {k}): entry bound B = {plan.B:.4g} is not below "
+        f"{what} for spec {plan.spec.name!r}{term} (order {k}): entry bound B = {plan.B:.4g} is not below "
         f"the threshold tau_{k}(n) = (ln {plan.problem.n_max})^(1/{k}) = {plan.threshold:.4g} "
         f"(beta = {plan.beta:.4g}); {need}. "
         + SETH_SENTENCE.format(k=k)
@@ -199,9 +235,19 @@ def _bound_message(plan: Plan, what: str) -> str:
     )
 
 
-def _poly_certificate(problem: Problem, request: Request) -> tuple[Certificate | None, RelativeTerms | None, str]:
-    """The certificate (and, for spec ``relative``, the Toeplitz terms) poly would run with."""
+def _poly_certificate(problem: Problem, request: Request) -> tuple[Any, Any, str]:
+    """The certificate (and, for spec ``relative``, the Toeplitz terms; for an attention
+    polynomial, the tensor networks) poly would run with."""
     approx = get_approximant(request.approximant)
+    if problem.spec.is_polynomial:
+        cert = choose_polynomial_certificate(
+            approx, problem.terms, request.tol, max(problem.ms), input_dtype=problem.dtype,
+            max_degree=request.max_degree, feature_dtype=request.feature_dtype, degree=request.degree,
+        )
+        if cert is None or cert.rank > request.max_rank:
+            return cert, None, ""
+        shapes = problem.value_shapes or tuple((e,) for e in problem.value_dims)
+        return cert, build_networks(problem.spec, problem.Z, problem.n, problem.ms, cert.ranks, shapes), ""
     if problem.spec.positional == "relative":  # FFT-Toeplitz path: terms over the support of W
         support = problem.relative if problem.relative is not None else RelativeSupport.dense(problem.D)
         return choose_relative(
@@ -227,10 +273,28 @@ def make_plan(problem: Problem, request: Request, backends: dict[str, Backend] |
     spec = problem.spec
     tau = threshold(spec.order, problem.n_max)
     passed = problem.B < tau
+    term_taus, deciding = (), None
+    if problem.terms:  # an attention polynomial: a threshold per term, the tightest decides
+        term_taus = tuple(threshold(t.order, problem.n_max) for t in problem.terms)
+        ratios = [t.B / tau_t if tau_t > 0 else math.inf for t, tau_t in zip(problem.terms, term_taus)]
+        deciding = max(range(len(ratios)), key=ratios.__getitem__)
+        tau = term_taus[deciding]
+        passed = all(t.B < tau_t for t, tau_t in zip(problem.terms, term_taus))
     poly = registry.get("poly")
     poly_serves = poly.serves(spec, problem) if poly is not None else False
-    cert, rel_terms, rel_note = _poly_certificate(problem, request) if poly_serves else (None, None, "")
-    if spec.positional == "relative":
+    cert, extra, rel_note = _poly_certificate(problem, request) if poly_serves else (None, None, "")
+    rel_terms = extra if spec.positional == "relative" else None
+    networks = extra if spec.is_polynomial else None
+    if spec.is_polynomial:
+        flops_e = polynomial_exact_flops(spec.structure, problem.Z, problem.n, problem.ms,
+                                         tuple(t.D for t in problem.terms), problem.E, problem.causal)
+        flops_p = None
+        if networks:
+            features = sum(((problem.n, *problem.ms)[s] * r) * (c.degree + 1)
+                           for term, c, r in zip(spec.terms, cert.terms, cert.ranks) for s in term.slots)
+            flops_p = problem.Z * features + sum(net.flops for net in networks)
+        overhead = POLY_OVERHEAD
+    elif spec.positional == "relative":
         flops_e = relative_exact_flops(problem.Z, problem.n, problem.ms[0], problem.D, problem.E, problem.causal)
         flops_p = rel_terms.flops if rel_terms else None
         overhead = RELATIVE_OVERHEAD
@@ -240,7 +304,8 @@ def make_plan(problem: Problem, request: Request, backends: dict[str, Backend] |
                               problem.causal) if cert else None)
         overhead = POLY_OVERHEAD
     base = dict(problem=problem, request=request, threshold=tau, passed=passed, certificate=cert,
-                flops_exact=flops_e, flops_poly=flops_p, relative=rel_terms)
+                flops_exact=flops_e, flops_poly=flops_p, relative=rel_terms, networks=networks,
+                term_thresholds=term_taus, deciding_term=deciding)
     backend = request.backend
 
     if backend == AUTO:

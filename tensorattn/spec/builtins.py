@@ -26,7 +26,18 @@ RELATIVE = Spec(
     description="s_ij = scale q_i^T W[i-j+m-1] k_j for user matrices W (generalized RoPE)",
 )
 
-BUILTIN_SPECS = (PAIRWISE, TRIPLE, ROPE, RELATIVE)
+STRASSEN = Spec(
+    "strassen",
+    "id,jd->ij + jd,kd->jk + kd,id->ki",
+    description="Strassen attention over key pairs, s_ijk = scale (<q_i,k1_j> + <k1_j,k2_k> + <k2_k,q_i>)",
+)
+TREE = Spec(
+    "tree",
+    "id,jd->ij + jd,kd->jk",
+    description="tree attention on the path i-j-k (2-fold composition), s_ijk = scale (<q_i,k1_j> + <k1_j,k2_k>)",
+)
+
+BUILTIN_SPECS = (PAIRWISE, TRIPLE, ROPE, RELATIVE, STRASSEN, TREE)
 
 
 def register_builtins() -> None:

@@ -83,6 +83,20 @@ def parse_score(expr: str) -> ScoreEinsum:
             f"score einsum {expr!r} has {len(operands)} operand(s); it needs a query slot and at "
             "least one key slot, e.g. 'id,jd->ij'"
         )
+    return _parse_operands(expr, operands, output)
+
+
+@lru_cache(maxsize=256)
+def parse_term(expr: str) -> ScoreEinsum:
+    """Parse one term of an attention polynomial: an einsum over one or more token slots (a term
+    may name a single slot, e.g. a per-key bias 'ja->j'), with today's einsum rules."""
+    operands, output = _split(expr, "term")
+    if not operands:
+        raise SpecError(f"term {expr!r} has no operand; write e.g. 'id,jd->ij'")
+    return _parse_operands(expr, operands, output)
+
+
+def _parse_operands(expr: str, operands: list[str], output: str) -> ScoreEinsum:
     if not output:
         raise SpecError(
             f"score einsum {expr!r} has an empty output; list every token index, query first, "
