@@ -73,7 +73,7 @@ def test_polynomial_spec_errors_name_the_term(score, kwargs, fragment):
 
 def test_score_einsum_is_for_single_terms_only():
     with pytest.raises(ta.SpecError, match="attention polynomial with 3 term"):
-        STRASSEN.score_einsum
+        _ = STRASSEN.score_einsum
     assert ta.get_spec("triple").score_einsum.expr == "id,jd,kd->ijk"
 
 
