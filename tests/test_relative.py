@@ -265,3 +265,27 @@ def test_plan_reports_terms_and_picks_fft_at_large_n():
     assert p.backend == "poly" and p.flops_poly < p.flops_exact
     small = ta.plan("relative", n=64, d=4, bound=1.0, scale=1 / 4)
     assert small.backend == "exact" and small.relative.support.nnz == 16  # no W given: dense
+
+
+@pytest.mark.parametrize("backend", ["exact", "poly"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_constant_w_is_folded_into_q(backend, causal):
+    """The same W at every offset is pairwise attention on q W: the plan says so, both backends
+    take the pairwise path, and results match the brute force (poly within its certificate)."""
+    q, k, v = random_inputs("pairwise", n=40, d=4, dtype=np.float64, seed=2)
+    W0 = np.random.default_rng(2).uniform(-1, 1, (4, 4)) / 2
+    W = np.broadcast_to(W0, (79, 4, 4)).copy()
+    out, info = ta.attention(q, k, v, spec="relative", rel=W, backend=backend, causal=causal, return_info=True)
+    assert info.plan.rel_folded and info.plan.relative is None and "folded into q" in repr(info.plan)
+    want = reference_attention(q, k, v, spec="relative", rel=W, causal=causal)
+    assert np.abs(out - want).max() <= max(info.error_bound, 1e-12)
+    # ALiBi (not one matrix per offset any more) and gradients w.r.t. W keep the Toeplitz path
+    _, info = ta.attention(q, k, v, spec="relative", rel=W, backend=backend, alibi_slope=0.1, return_info=True,
+                           on_unbounded="ignore")
+    assert not info.plan.rel_folded
+    Wt = torch.tensor(W, requires_grad=True)
+    out, info = ta.attention(torch.tensor(q), torch.tensor(k), torch.tensor(v), spec="relative", rel=Wt,
+                             backend=backend, return_info=True, on_unbounded="ignore")
+    assert not info.plan.rel_folded
+    out.sum().backward()
+    assert Wt.grad[-1].abs().sum() > 0  # every offset gets its own gradient

@@ -8,6 +8,7 @@ one tile is the gradient of  sum <dO, p V> - sum D_i p  with p = exp(s - L).
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 from functools import lru_cache
@@ -18,6 +19,7 @@ import torch
 from ..inputs import Operands, term_operands
 from ..positional import alibi_bias, relative_offsets
 from ..registry import Backend
+from ..spec import Spec
 
 
 @lru_cache(maxsize=512)
@@ -208,6 +210,9 @@ class ExactAttentionFunction(torch.autograd.Function):
         return (None, None, dq, *dks, *dvs, *([drel] if rel is not None else []))
 
 
+_FOLDED = Spec("relative_folded", "id,jd->ij")
+
+
 class ExactBackend(Backend):
     """Exact softmax attention for every spec, streamed with online softmax."""
 
@@ -215,6 +220,8 @@ class ExactBackend(Backend):
     certified = True
 
     def run(self, plan, ops: Operands) -> torch.Tensor:
+        if plan.rel_folded:  # the same W at every offset: pairwise attention on q W
+            ops = dataclasses.replace(ops, spec=_FOLDED, q=ops.q @ ops.rel[0], rel=None)
         engine = TileEngine(ops, plan.request.memory_budget)
         nk = ops.order - 1
         args = ops.tensors

@@ -16,6 +16,7 @@ Taylor baselines and the distributed frontend reuse it with their own feature ma
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import string
 from dataclasses import dataclass
@@ -270,6 +271,8 @@ class PolyBackend(Backend):
         return Refusal("its score is not a sum of products of per-token factors")
 
     def run(self, plan, ops: Operands) -> torch.Tensor:
+        if plan.rel_folded:  # the same W at every offset: s_ij = scale (q_i^T W) k_j, pairwise
+            return polynomial_engine(plan, dataclasses.replace(ops, q=ops.q @ ops.rel[0].to(ops.q.dtype))).run()
         if ops.spec.positional == "relative":
             return relative_attention(plan, ops)
         if ops.spec.is_polynomial:

@@ -67,6 +67,9 @@ class Plan:
     relative: RelativeTerms | None = None
     #: an attention polynomial's tensor network(s) under the polynomial method, else None
     networks: tuple[Network, ...] | None = None
+    #: spec ``relative`` with the same W at every offset and no ALiBi: W is folded into q and poly
+    #: runs the pairwise path (s_ij = scale (q_i^T W) k_j)
+    rel_folded: bool = False
     #: an attention polynomial's per-term thresholds, and the term whose B / tau decides the verdict
     term_thresholds: tuple[float, ...] = ()
     deciding_term: int | None = None
@@ -202,6 +205,8 @@ class Plan:
             ]
             if self.relative is not None:
                 lines.append(f"  Toeplitz terms:     {self.relative.describe()}")
+            if self.rel_folded:
+                lines.append("  Relative W:         the same matrix at every offset: folded into q, pairwise path")
         else:
             lines.append(f"  Polynomial:         none certifies tol {self.tol:.1e} within max_degree "
                          f"{self.request.max_degree}")
@@ -235,6 +240,14 @@ def _bound_message(plan: Plan, what: str) -> str:
     )
 
 
+def _rel_folded(problem: Problem) -> bool:
+    """One W at every offset and no ALiBi: s_ij = scale (q_i^T W) k_j is pairwise attention on q W.
+    Not while gradients are taken, since each offset's W_t then has its own gradient."""
+    rel = problem.relative
+    return (problem.spec.positional == "relative" and rel is not None and rel.constant and not problem.alibi_slope
+            and not problem.need_grad)
+
+
 def _poly_certificate(problem: Problem, request: Request) -> tuple[Any, Any, str]:
     """The certificate (and, for spec ``relative``, the Toeplitz terms; for an attention
     polynomial, the tensor networks) poly would run with."""
@@ -248,7 +261,8 @@ def _poly_certificate(problem: Problem, request: Request) -> tuple[Any, Any, str
             return cert, None, ""
         shapes = problem.value_shapes or tuple((e,) for e in problem.value_dims)
         return cert, build_networks(problem.spec, problem.Z, problem.n, problem.ms, cert.ranks, shapes), ""
-    if problem.spec.positional == "relative":  # FFT-Toeplitz path: terms over the support of W
+    if problem.spec.positional == "relative" and not _rel_folded(problem):
+        # FFT-Toeplitz path: terms over the support of W (one W at every offset is folded into q)
         support = problem.relative if problem.relative is not None else RelativeSupport.dense(problem.D)
         return choose_relative(
             approx, support, beta=problem.beta, B=problem.B, tol=request.tol, n=problem.n, m=problem.ms[0],
@@ -283,7 +297,8 @@ def make_plan(problem: Problem, request: Request, backends: dict[str, Backend] |
     poly = registry.get("poly")
     poly_serves = poly.serves(spec, problem) if poly is not None else False
     cert, extra, rel_note = _poly_certificate(problem, request) if poly_serves else (None, None, "")
-    rel_terms = extra if spec.positional == "relative" else None
+    folded = _rel_folded(problem)
+    rel_terms = extra if spec.positional == "relative" and not folded else None
     networks = extra if spec.is_polynomial else None
     if spec.is_polynomial:
         flops_e = polynomial_exact_flops(spec.structure, problem.Z, problem.n, problem.ms,
@@ -294,7 +309,7 @@ def make_plan(problem: Problem, request: Request, backends: dict[str, Backend] |
                            for term, c, r in zip(spec.terms, cert.terms, cert.ranks) for s in term.slots)
             flops_p = problem.Z * features + sum(net.flops for net in networks)
         overhead = POLY_OVERHEAD
-    elif spec.positional == "relative":
+    elif spec.positional == "relative" and not folded:
         flops_e = relative_exact_flops(problem.Z, problem.n, problem.ms[0], problem.D, problem.E, problem.causal)
         flops_p = rel_terms.flops if rel_terms else None
         overhead = RELATIVE_OVERHEAD
@@ -305,7 +320,7 @@ def make_plan(problem: Problem, request: Request, backends: dict[str, Backend] |
         overhead = POLY_OVERHEAD
     base = dict(problem=problem, request=request, threshold=tau, passed=passed, certificate=cert,
                 flops_exact=flops_e, flops_poly=flops_p, relative=rel_terms, networks=networks,
-                term_thresholds=term_taus, deciding_term=deciding)
+                term_thresholds=term_taus, deciding_term=deciding, rel_folded=folded)
     backend = request.backend
 
     if backend == AUTO:

@@ -54,6 +54,7 @@ class RelativeSupport:
     abs_sum: float  # sum_{a,b} max_t |W_t[a, b]|
     abs_norm: float  # ||M||_2 with M[a, b] = max_t |W_t[a, b]|
     wnorm: float  # max_t ||W_t||_2
+    constant: bool = False  # W_t is the same matrix at every offset (then s_ij = scale (q_i^T W) k_j)
 
     @classmethod
     def dense(cls, d: int, wnorm: float = 1.0) -> "RelativeSupport":
@@ -78,7 +79,8 @@ def relative_support(W: Any, d: int) -> RelativeSupport:
     a, b = torch.nonzero(M, as_tuple=True)
     wnorm = float(torch.linalg.matrix_norm(Wt, ord=2).max())
     return RelativeSupport(
-        d, tuple(zip(a.tolist(), b.tolist())), float(M.sum()), float(torch.linalg.matrix_norm(M, ord=2)), wnorm
+        d, tuple(zip(a.tolist(), b.tolist())), float(M.sum()), float(torch.linalg.matrix_norm(M, ord=2)), wnorm,
+        constant=bool((Wt == Wt[:1]).all()),
     )
 
 
