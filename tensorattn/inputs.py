@@ -194,6 +194,16 @@ def term_operands(spec: Spec, sizes: dict[str, int], arrays: list[torch.Tensor],
     return out
 
 
+def expand_operand(t: torch.Tensor, feats: str, contracted: tuple[str, ...], sizes: dict[str, int]) -> torch.Tensor:
+    """(Z, N, *feats) -> (Z, N, D): the operand's value at every contracted index tuple I."""
+    Z, N = t.shape[:2]
+    perm = [feats.index(c) for c in contracted if c in feats]
+    t = t.permute(0, 1, *(2 + p for p in perm))
+    shape = [Z, N] + [sizes[c] if c in feats else 1 for c in contracted]
+    full = [Z, N] + [sizes[c] for c in contracted]
+    return t.reshape(shape).expand(full).reshape(Z, N, math.prod(full[2:]))
+
+
 def _block_sizes(spec: Spec, slot: int, blocks: tuple[str, ...], width: int, name: str,
                  sizes: dict[str, int]) -> None:
     """Split a slot's feature axis into its per-term blocks: given sizes, or equal parts."""

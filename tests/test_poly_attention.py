@@ -210,3 +210,78 @@ def test_poly_autograd_runs_through_the_network(spec):
         return ops.restore(ta.get_backend("poly").run(plan, ops))
 
     assert torch.autograd.gradcheck(f, leaves)
+
+
+# --------------------------------------------------------------------------- the fast exact paths
+
+
+def test_exact_paths_by_structure():
+    assert (STRASSEN.exact_path, TREE.exact_path, CHAIN.exact_path, STAR.exact_path) == (
+        "triangle", "tree", "tree", "tree")
+    assert ta.get_spec("triple").exact_path == "tuples"
+    assert ta.Spec("outer_tree", "id,jd->ij + jd,kd->jk", value="je,kf->ief").exact_path == "tuples"
+    assert ta.Spec("h", "id,jd,kd->ijk + id,jd->ij").exact_path == "tuples"
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        ta.Spec("tri_bias", "id,jd->ij + jd,kd->jk + kd,id->ki + ja->j + kb->k + ic->i",
+                coefficients=(1, -1, 0.5, 1, -2, 3)),
+        ta.Spec("tree_multi", "ia,ja->ij + ib,jb->ij + jd,kd->jk + kc->k", coefficients=(1.0, -0.5, 1.0, 0.5)),
+        ta.Spec("tri_blocks", "ia,ja->ij + jb,kb->jk + kc,ic->ki"),
+    ],
+    ids=lambda s: s.name,
+)
+@pytest.mark.parametrize("causal", [False, True])
+def test_fast_exact_paths_with_biases_blocks_and_several_terms_per_edge(spec, causal):
+    assert spec.exact_path in ("tree", "triangle")
+    q, k, v = random_inputs(spec, n=24, d=3, e=2, batch=(2,), dtype=np.float64, seed=4)
+    out = ta.attention(q, k, v, spec=spec, backend="exact", causal=causal, scale=0.7)
+    assert np.abs(out - reference_attention(q, k, v, spec=spec, causal=causal, scale=0.7)).max() <= 1e-10
+
+
+@pytest.mark.parametrize("spec", [STRASSEN, TREE], ids=lambda s: s.name)
+def test_fast_exact_paths_decode_with_q_offset(spec):
+    q, k, v = random_inputs(spec, n=5, m=12, d=3, e=2, dtype=np.float64, seed=6)
+    out = ta.attention(q, k, v, spec=spec, backend="exact", causal=True, q_offset=7)
+    assert np.abs(out - reference_attention(q, k, v, spec=spec, causal=True, q_offset=7)).max() <= 1e-10
+
+
+@pytest.mark.parametrize("spec", [STRASSEN, TREE, CHAIN], ids=lambda s: s.name)
+@pytest.mark.parametrize("causal", [False, True])
+def test_fast_exact_paths_gradcheck(spec, causal):
+    n = 5 if spec.order == 3 else 4
+    q, k, v = random_inputs(spec, n=n, d=2, e=2, dtype=np.float64, seed=7)
+    nk = spec.order - 1
+    leaves = [torch.tensor(q, requires_grad=True), *(torch.tensor(x, requires_grad=True) for x in (*k, *v))]
+
+    def f(*xs):
+        return ta.attention(xs[0], xs[1:1 + nk], xs[1 + nk:], spec=spec, backend="exact", causal=causal)
+
+    assert torch.autograd.gradcheck(f, leaves)
+
+
+def test_triangle_rows_whose_normalizer_underflows_stay_exact():
+    """Shifts from three separate maxima can exceed a row's max by hundreds: such rows are
+    recomputed in float64 (tier 1), then by the streaming kernel (tier 2), and stay exact."""
+    from tensorattn.backends import structured
+
+    rng = np.random.default_rng(0)
+    n, d = 12, 2
+    for mult, dtype, tier in ((14, np.float32, 1), (30, np.float64, 2)):
+        rng = np.random.default_rng(0)
+        for _ in range(1 if mult == 14 else 2):
+            q, k1 = rng.normal(size=(n, d)) * mult, rng.normal(size=(n, d)) * mult
+        k2 = -k1[::-1] * 1.3
+        v1, v2 = rng.uniform(-1, 1, (n, 3)), rng.uniform(-1, 1, (n, 3))
+        t = [torch.tensor(x, dtype=torch.float32 if dtype == np.float32 else torch.float64)[None] for x in (q, k1, k2)]
+        tiers = structured._forward_all(structured._Tri(t[0], t[0], t[1], t[1], t[2], t[2]),
+                                        torch.ones(1, n, 4, dtype=t[0].dtype), torch.ones(1, n, 4, dtype=t[0].dtype),
+                                        structured._Cfg(False, 0, 1 << 26))[-1]
+        assert (tiers == tier).any(), tiers
+        args = [x.astype(dtype) for x in (q, k1, k2, v1, v2)]
+        out = ta.attention(args[0], args[1:3], args[3:5], spec=STRASSEN, backend="exact", scale=1.0)
+        want = reference_attention(q, (k1, k2), (v1, v2), spec=STRASSEN, scale=1.0)
+        assert np.isfinite(out).all()
+        assert np.abs(out - want).max() <= (1e-10 if dtype == np.float64 else 1e-5)

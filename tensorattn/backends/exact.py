@@ -20,6 +20,7 @@ from ..inputs import Operands, term_operands
 from ..positional import alibi_bias, relative_offsets
 from ..registry import Backend
 from ..spec import Spec
+from .structured import tree_exact, triangle_exact
 
 
 @lru_cache(maxsize=512)
@@ -222,6 +223,11 @@ class ExactBackend(Backend):
     def run(self, plan, ops: Operands) -> torch.Tensor:
         if plan.rel_folded:  # the same W at every offset: pairwise attention on q W
             ops = dataclasses.replace(ops, spec=_FOLDED, q=ops.q @ ops.rel[0], rel=None)
+        path = ops.spec.exact_path
+        if path == "tree":
+            return tree_exact(ops, plan.request.memory_budget)
+        if path == "triangle":
+            return triangle_exact(ops, plan.request.memory_budget)
         engine = TileEngine(ops, plan.request.memory_budget)
         nk = ops.order - 1
         args = ops.tensors

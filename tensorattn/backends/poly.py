@@ -28,23 +28,13 @@ import torch
 
 from ..approx.features import augment, feature_map, query_weights
 from ..approx.polynomials import get_approximant
-from ..inputs import Operands, term_operands
+from ..inputs import Operands, expand_operand, term_operands
 from ..registry import Backend, Refusal
 from .exact import contract
 from .relative_fft import relative_attention
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 FeatureFn = Callable[[torch.Tensor], torch.Tensor]
-
-
-def expand_operand(t: torch.Tensor, feats: str, contracted: tuple[str, ...], sizes: dict[str, int]) -> torch.Tensor:
-    """(Z, N, *feats) -> (Z, N, D): the operand's value at every contracted index tuple I."""
-    Z, N = t.shape[:2]
-    perm = [feats.index(c) for c in contracted if c in feats]
-    t = t.permute(0, 1, *(2 + p for p in perm))
-    shape = [Z, N] + [sizes[c] if c in feats else 1 for c in contracted]
-    full = [Z, N] + [sizes[c] for c in contracted]
-    return t.reshape(shape).expand(full).reshape(Z, N, math.prod(full[2:]))
 
 
 @dataclass

@@ -28,7 +28,7 @@ def poly_flops(Z: int, n: int, ms: tuple[int, ...], r: int, E: int, value_dims: 
     return Z * (features + stats + combine + queries + prefix)
 
 
-def polynomial_exact_flops(structure, Z: int, n: int, ms: tuple[int, ...], term_dims: tuple[int, ...], E: int,
+def polynomial_exact_flops(spec, Z: int, n: int, ms: tuple[int, ...], term_dims: tuple[int, ...], E: int,
                            causal: bool) -> int:
     """Exact attention-polynomial cost for the algorithm its structure allows.
 
@@ -36,7 +36,8 @@ def polynomial_exact_flops(structure, Z: int, n: int, ms: tuple[int, ...], term_
     2-slot terms over 3 slots (the Strassen triangle) is matrix products over (i, j, k)
     (O(n m^2 E) multiply-adds, GEMM-shaped); anything else visits every key tuple."""
     sizes = (n, *ms)
-    if structure.kind == "tree":
+    structure, path = spec.structure, spec.exact_path
+    if path == "tree":
         total = 0
         for child, parent in enumerate(structure.parent):
             if parent is None:
@@ -45,7 +46,7 @@ def polynomial_exact_flops(structure, Z: int, n: int, ms: tuple[int, ...], term_
             pairs = sizes[parent] * sizes[child] // (2 if causal else 1)
             total += pairs * (2 * D + 2 * E + EXP_FLOPS)
         return Z * total
-    if structure.kind == "cycle" and structure.order == 3:
+    if path == "triangle":
         D = sum(term_dims)
         scores = (n * ms[0] + ms[0] * ms[1] + n * ms[1]) * (2 * D + EXP_FLOPS)
         return Z * (scores + 2 * n * ms[0] * ms[1] * (E + 1) // (3 if causal else 1))

@@ -43,13 +43,6 @@ class Network:
         return f"{self.expr}  ({self.flops:.3e} flops, largest intermediate {self.largest:,} elements)"
 
 
-def entrywise_values(spec: Spec) -> bool:
-    """True when the value einsum multiplies the slots' values entrywise (the default), so values
-    can carry a column of ones and one contraction gives the normalizer too."""
-    ve = spec.value_einsum
-    return not ve.summed and all(letters == ve.out_letters for letters in ve.value_letters)
-
-
 def _letters(spec: Spec) -> tuple[str, list[str], str]:
     used = set(spec.tokens) | set(spec.value) | set("".join(spec.slots.features))
     free = [c for c in string.ascii_letters if c not in used]
@@ -70,7 +63,7 @@ def build_networks(spec: Spec, Z: int, n: int, ms: tuple[int, ...], ranks: tuple
             ops.append(batch + tokens[slot] + feats[t])
             shapes.append((Z, sizes[slot], ranks[t]))
     key_slots = range(1, spec.order)
-    if entrywise_values(spec):
+    if spec.value_einsum.entrywise:
         # values flattened to e entries plus a column of ones: numerator and normalizer at once
         vops = [batch + tokens[s] + aug for s in key_slots]
         vshapes = [(Z, sizes[s], _flat(v) + 1) for s, v in zip(key_slots, value_shapes)]

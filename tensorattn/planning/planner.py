@@ -301,7 +301,7 @@ def make_plan(problem: Problem, request: Request, backends: dict[str, Backend] |
     rel_terms = extra if spec.positional == "relative" and not folded else None
     networks = extra if spec.is_polynomial else None
     if spec.is_polynomial:
-        flops_e = polynomial_exact_flops(spec.structure, problem.Z, problem.n, problem.ms,
+        flops_e = polynomial_exact_flops(spec, problem.Z, problem.n, problem.ms,
                                          tuple(t.D for t in problem.terms), problem.E, problem.causal)
         flops_p = None
         if networks:

@@ -42,6 +42,12 @@ class ValueEinsum:
     out_letters: str  # value letters of the output (query token stripped)
     summed: tuple[str, ...]  # value letters that appear in no output position
 
+    @property
+    def entrywise(self) -> bool:
+        """True when every slot's values carry the output's letters and nothing is summed: the
+        values of a key tuple multiply entrywise (the default), so [v | 1] gives the normalizer too."""
+        return not self.summed and all(letters == self.out_letters for letters in self.value_letters)
+
 
 def _split(expr: str, what: str) -> tuple[list[str], str]:
     if not isinstance(expr, str):

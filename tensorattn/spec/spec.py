@@ -150,6 +150,19 @@ class Spec:
         return self.structure.terms
 
     @property
+    def exact_path(self) -> str:
+        """How the exact backend computes this spec: ``"tree"`` (message passing), ``"triangle"``
+        (matrix products) or ``"tuples"`` (streaming over key tuples, any spec). The first two need
+        an attention polynomial of that structure whose values multiply entrywise."""
+        if self.is_polynomial and self.value_einsum.entrywise:
+            kind = self.structure.kind
+            if kind == "tree":
+                return "tree"
+            if kind == "cycle" and self.order == 3:
+                return "triangle"
+        return "tuples"
+
+    @property
     def score_einsum(self) -> ScoreEinsum:
         """The score einsum of a single-term spec (an attention polynomial has ``terms``)."""
         if self.is_polynomial:
