@@ -179,7 +179,47 @@ def test_poly_within_certificate(spec):
     err = np.abs(out - reference_attention(q, k, v, spec=spec, scale=0.25)).max()
     assert err <= info.error_bound <= 1e-4 * max(np.abs(x).max() for x in v) ** len(v)
     cert = info.plan.certificate
-    assert len(cert.degrees) == len(spec.terms) and info.plan.networks
+    assert len(cert.degrees) == len(spec.terms)
+    assert info.plan.poly_method in ("network", "moments", "tree") and "Poly method" in repr(info.plan)
+
+
+@pytest.mark.parametrize("spec, methods", [
+    (STRASSEN, ("network", "moments")), (TREE, ("network", "moments", "tree")), (CHAIN, ("network", "moments", "tree")),
+], ids=lambda x: getattr(x, "name", ""))
+def test_every_poly_method_within_certificate(spec, methods):
+    """Each method the planner may choose, forced through the plan, stays within the certificate."""
+    import dataclasses
+
+    from tensorattn.inputs import prepare
+    from tensorattn.planning.network import build_networks
+
+    n = 40 if spec.order == 3 else 12
+    q, k, v = random_inputs(spec, n=n, d=3, e=2, batch=(2,), dtype=np.float64, seed=8)
+    request = ta.Request(backend="poly", scale=0.3, tol=1e-4)
+    ops = prepare(spec, q, k, v, request)
+    plan = ta.plan_for(ops, request)
+    want = reference_attention(q, k, v, spec=spec, scale=0.3)
+    for method in methods:
+        nets = None
+        if method == "network":
+            nets = build_networks(spec, ops.q.shape[0], ops.n, ops.ms, plan.certificate.ranks,
+                                  plan.problem.value_shapes)
+        forced = dataclasses.replace(plan, poly_method=method, networks=nets)
+        out = ops.restore(ta.get_backend("poly").run(forced, ops))
+        assert np.abs(out - want).max() <= plan.error_bound, method
+
+
+@pytest.mark.parametrize("spec", [STRASSEN, TREE, CHAIN, STAR], ids=lambda s: s.name)
+def test_causal_poly_trees_and_triangle(spec):
+    n = 80 if spec.order == 3 else 14
+    q, k, v = random_inputs(spec, n=n, d=3, e=2, dtype=np.float64, seed=9)
+    out, info = ta.attention(q, k, v, spec=spec, backend="poly", causal=True, scale=0.3, tol=1e-4, return_info=True)
+    assert info.plan.poly_method == ("triangle" if spec is STRASSEN else "tree")
+    assert np.abs(out - reference_attention(q, k, v, spec=spec, causal=True, scale=0.3)).max() <= info.error_bound
+    hard = ta.Spec("h", "id,jd->ij + jd,kd,ld->jkl")  # a 3-slot term: no fast causal form
+    q, k, v = random_inputs(hard, n=6, d=2, dtype=np.float64)
+    with pytest.raises(ta.InputError, match="fast factorized form only for trees"):
+        ta.attention(q, k, v, spec=hard, backend="poly", causal=True)
 
 
 def test_polynomial_bound_check_is_per_term():

@@ -29,8 +29,10 @@ import torch
 from ..approx.features import augment, feature_map, query_weights
 from ..approx.polynomials import get_approximant
 from ..inputs import Operands, expand_operand, term_operands
+from ..planning.network import poly_methods
 from ..registry import Backend, Refusal
 from .exact import contract
+from .poly_terms import moments_poly, tree_poly, triangle_poly_causal
 from .relative_fft import relative_attention
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -251,10 +253,11 @@ class PolyBackend(Backend):
     certified = True
 
     def serves(self, spec, problem) -> bool | Refusal:
-        if spec.is_polynomial and problem is not None and problem.causal:
+        if spec.is_polynomial and problem is not None and problem.causal and not poly_methods(spec, True):
             return Refusal(
-                f"causal masking of the attention polynomial {spec.name!r} ({spec.structure.kind}) has no "
-                "fast factorized form here; run it with backend='exact'"
+                f"causal masking of the attention polynomial {spec.name!r} ({spec.structure.kind}) has a fast "
+                "factorized form only for trees (one term per edge) and the Strassen triangle; run it with "
+                "backend='exact'"
             )
         if spec.separable or spec.positional == "relative":
             return True
@@ -266,5 +269,11 @@ class PolyBackend(Backend):
         if ops.spec.positional == "relative":
             return relative_attention(plan, ops)
         if ops.spec.is_polynomial:
-            return network_attention(plan, ops)
+            dtype = _DTYPES[plan.certificate.feature_dtype]
+            method = plan.poly_method
+            if method == "network":
+                return network_attention(plan, ops)
+            run = {"moments": moments_poly, "tree": tree_poly, "triangle": triangle_poly_causal}[method]
+            out = run(plan, ops, dtype)
+            return out.reshape(ops.q.shape[0], ops.n, *ops.out_value_shape).to(ops.dtype)
         return polynomial_engine(plan, ops).run()

@@ -179,8 +179,9 @@ def choose_polynomial_certificate(approx: Approximant, terms, tol: float, m: int
     if not all(t.beta <= MAX_CERTIFIABLE_BETA for t in terms):
         return None
     share = (1.0 + weight_budget(tol)) ** (1.0 / len(terms)) - 1.0
-    dtypes = [feature_dtype] if feature_dtype else (["float32", "float64"] if input_dtype == "float32"
-                                                   else ["float64"])
+    # float64 unless pinned: the methods multiply features of several terms and merge monomials,
+    # beyond what the single-term roundoff estimate models
+    dtypes = [feature_dtype] if feature_dtype else ["float64"]
     for dtype in dtypes:
         if dtype == "float32" and feature_dtype is None and max(t.beta for t in terms) > FLOAT32_MAX_BETA:
             continue

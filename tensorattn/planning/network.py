@@ -14,6 +14,7 @@ records the expression and the path; the backend only executes them.
 
 from __future__ import annotations
 
+import math
 import string
 from dataclasses import dataclass
 
@@ -88,3 +89,60 @@ def _flat(shape: tuple[int, ...]) -> int:
     for s in shape:
         out *= s
     return out
+
+
+#: slowdown per counted flop of the whole-matrix network against the chunked methods
+NETWORK_OVERHEAD = 4.0
+
+
+def poly_methods(spec: Spec, causal: bool) -> list[str]:
+    """The poly methods that can run an attention polynomial: ``network`` (any, non-causal),
+    ``moments`` (terms that are inner products of whole slot arrays, non-causal), ``tree`` (a tree
+    with one term per edge, causal or not) and ``triangle`` (the Strassen triangle, causal)."""
+    st = spec.structure
+    entrywise = spec.value_einsum.entrywise
+    pairs = spec.pair_terms
+    two_slot = [t for t in st.terms if t.order == 2]
+    tree = st.kind == "tree" and entrywise and len(two_slot) == len(st.edges)
+    triangle = (pairs is not None and st.kind == "cycle" and st.order == 3 and entrywise and len(pairs) == 3)
+    if causal:
+        return [m for m, ok in (("tree", tree), ("triangle", triangle)) if ok]
+    methods = ["network"]
+    if pairs is not None and entrywise and len(pairs) == len(st.terms):
+        methods.append("moments")
+    if tree:
+        methods.append("tree")
+    return methods
+
+
+def method_flops(method: str, spec: Spec, Z: int, sizes: tuple[int, ...], degrees: tuple[int, ...],
+                 ranks: tuple[int, ...], E: int, networks: tuple[Network, ...] | None, D: int) -> float:
+    """Multiply-add estimate of a poly method (features and contractions), for the planner's choice."""
+    Ea = E + 1
+    terms = spec.terms
+    features = sum(sizes[s] * r for t, r in zip(terms, ranks) for s in t.slots)
+    if method == "network":
+        # the network holds whole feature matrices and reads them once per contraction step: memory
+        # bound, several times slower per flop than the chunked methods
+        return NETWORK_OVERHEAD * (Z * features + sum(net.flops for net in networks or ()) / 2)
+    if method == "tree":
+        return Z * sum(2 * sum(sizes[s] for s in t.slots) * r * Ea + sum(sizes[s] for s in t.slots) * r
+                       for t, r in zip(terms, ranks) if t.order == 2)
+    if method == "triangle":
+        r = max(ranks)
+        return Z * (9 * sizes[0] * r * r * Ea + features)
+    if method == "moments":
+        total, core_shapes, subs = 0.0, [], []
+        sym = opt_einsum.get_symbol
+        slot_terms = [[i for i, t in enumerate(terms) if s in t.slots] for s in range(spec.order)]
+        for s, t_ids in enumerate(slot_terms):
+            R = math.comb(D + sum(degrees[i] for i in t_ids), D)
+            total += sizes[s] * R * (2 * Ea + 1) + math.prod(ranks[i] for i in t_ids) * Ea
+            if s:
+                core_shapes.append((1, *[ranks[i] for i in t_ids], Ea))
+                subs.append(sym(0) + "".join(sym(2 + i) for i in t_ids) + sym(1))
+        q = "".join(sym(2 + i) for i in slot_terms[0])
+        info = opt_einsum.contract_path(",".join(subs) + "->" + sym(0) + q + sym(1), *core_shapes,
+                                        shapes=True, optimize="dp")[1]
+        return Z * (total + float(info.opt_cost) / 2)
+    raise ValueError(method)

@@ -29,7 +29,7 @@ from .certificate import (
     choose_polynomial_certificate,
 )
 from .cost import POLY_OVERHEAD, exact_flops, poly_flops, polynomial_exact_flops
-from .network import Network, build_networks
+from .network import Network, build_networks, method_flops, poly_methods
 from .relative import (
     RELATIVE_OVERHEAD,
     RelativeSupport,
@@ -67,6 +67,8 @@ class Plan:
     relative: RelativeTerms | None = None
     #: an attention polynomial's tensor network(s) under the polynomial method, else None
     networks: tuple[Network, ...] | None = None
+    #: an attention polynomial's poly method: "network", "moments", "tree" or "triangle"
+    poly_method: str | None = None
     #: spec ``relative`` with the same W at every offset and no ALiBi: W is folded into q and poly
     #: runs the pairwise path (s_ij = scale (q_i^T W) k_j)
     rel_folded: bool = False
@@ -194,6 +196,7 @@ class Plan:
                 f"  Certified error:    {cert.output_error:.3e} * max|v|  (tol {self.tol:.1e}; weights within "
                 f"{cert.weight_error:.2e}, roundoff {cert.roundoff:.2e})",
             ]
+            lines.append(f"  Poly method:        {self.poly_method}")
             for net in self.networks or ():
                 lines.append(f"  Network:            {net.description}")
         elif cert is not None:
@@ -300,14 +303,19 @@ def make_plan(problem: Problem, request: Request, backends: dict[str, Backend] |
     folded = _rel_folded(problem)
     rel_terms = extra if spec.positional == "relative" and not folded else None
     networks = extra if spec.is_polynomial else None
+    method = None
     if spec.is_polynomial:
         flops_e = polynomial_exact_flops(spec, problem.Z, problem.n, problem.ms,
                                          tuple(t.D for t in problem.terms), problem.E, problem.causal)
         flops_p = None
-        if networks:
-            features = sum(((problem.n, *problem.ms)[s] * r) * (c.degree + 1)
-                           for term, c, r in zip(spec.terms, cert.terms, cert.ranks) for s in term.slots)
-            flops_p = problem.Z * features + sum(net.flops for net in networks)
+        methods = poly_methods(spec, problem.causal) if networks else []
+        if methods:
+            costs = {m: method_flops(m, spec, problem.Z, (problem.n, *problem.ms), cert.degrees, cert.ranks,
+                                     problem.E, networks, problem.D) for m in methods}
+            method = min(costs, key=costs.__getitem__)
+            flops_p = int(2 * costs[method])
+        if method != "network":
+            networks = None
         overhead = POLY_OVERHEAD
     elif spec.positional == "relative" and not folded:
         flops_e = relative_exact_flops(problem.Z, problem.n, problem.ms[0], problem.D, problem.E, problem.causal)
@@ -320,7 +328,7 @@ def make_plan(problem: Problem, request: Request, backends: dict[str, Backend] |
         overhead = POLY_OVERHEAD
     base = dict(problem=problem, request=request, threshold=tau, passed=passed, certificate=cert,
                 flops_exact=flops_e, flops_poly=flops_p, relative=rel_terms, networks=networks,
-                term_thresholds=term_taus, deciding_term=deciding, rel_folded=folded)
+                term_thresholds=term_taus, deciding_term=deciding, rel_folded=folded, poly_method=method)
     backend = request.backend
 
     if backend == AUTO:

@@ -150,6 +150,22 @@ class Spec:
         return self.structure.terms
 
     @property
+    def pair_terms(self) -> tuple[tuple[int, int, float], ...] | None:
+        """``(a, b, coefficient)`` per term (a < b) when every term is the inner product of two slots'
+        whole arrays and all slots share one feature letter, as in ``strassen`` and ``tree``; else
+        None. Such specs have one vector per slot, which some poly methods need."""
+        lay = self.slots
+        if any(lay.blocks) or len(set(lay.features)) != 1 or len(lay.features[0]) != 1:
+            return None
+        out = []
+        for term in self.terms:
+            if term.order != 2 or term.contracted != (lay.features[0],):
+                return None
+            a, b = sorted(term.slots)
+            out.append((a, b, term.coefficient))
+        return tuple(out)
+
+    @property
     def exact_path(self) -> str:
         """How the exact backend computes this spec: ``"tree"`` (message passing), ``"triangle"``
         (matrix products) or ``"tuples"`` (streaming over key tuples, any spec). The first two need
