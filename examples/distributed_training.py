@@ -2,7 +2,7 @@
 
 Run:
     torchrun --nproc_per_node=2 examples/distributed_training.py
-    torchrun --nproc_per_node=2 examples/distributed_training.py --backend poly --heads 4 --scale 1 --tol 1e-2
+    torchrun --nproc_per_node=2 examples/distributed_training.py --backend poly --heads 8 --scale 2 --tol 1e-2
 
 A small causal language model (token embedding, pre-norm blocks of multi-head RoPE attention and
 an MLP, a linear head) learns a copy task: every sequence repeats a random block of 8 tokens, so

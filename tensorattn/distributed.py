@@ -498,8 +498,9 @@ class _ExactRing:
             lengths = layout.k_lengths[s]
             tokens = max(lengths)  # outer slots: whole shards (a piece would multiply the inner traffic)
             if s == nk - 1:
-                per_token = (ops.keys[s][0, 0].numel() + ops.values[s][0, 0].numel()) * ops.q.shape[0]
-                tokens = max(1, budget // (RING_PIECE_FRACTION * per_token * ops.q.element_size()))
+                k, v = ops.keys[s], ops.values[s]
+                per_token = (math.prod(k.shape[2:]) + math.prod(v.shape[2:])) * k.shape[0] * k.element_size()
+                tokens = max(1, budget // max(1, RING_PIECE_FRACTION * per_token))
             spans.append(_pieces(lengths, tokens))
         return cls(comm, layout, ops, budget, spans)
 
@@ -624,16 +625,14 @@ class _ExactRing:
         dks = [torch.zeros_like(k) for k in keys]
         dvs = [torch.zeros_like(v) for v in values]
         drel = torch.zeros_like(rel) if rel is not None else None
-        # the tiles always produce dK/dV; without key grads they fill scratch that never travels
-        scratch = None if key_grads else {}
 
         def leaf(chosen):
             block, engine = self._block(chosen)
             if block is None:
                 return
-            if scratch is None:
+            if key_grads:  # into the accumulators that travel with the blocks
                 bk, bv = [c[4][0] for c in chosen], [c[4][1] for c in chosen]
-            else:
+            else:  # the tiles always produce dK/dV: give them scratch that never travels
                 bk = [torch.zeros_like(k) for k in block.keys]
                 bv = [torch.zeros_like(v) for v in block.values]
             stream_backward(engine, q, list(block.keys), list(block.values), rel, d_out, lse, delta, dq, bk, bv,
