@@ -1,14 +1,16 @@
-"""ta.distributed.attention on real process groups: gloo on CPU, spawned worlds of 2 and 4 ranks.
+"""ta.distributed.attention on real process groups: gloo on CPU, spawned worlds of 2 and 3 ranks.
 
 Each spawned world runs many checks, so process start-up is paid once per world. Every rank builds
-the same full inputs from a seed, takes its shard of positions, and compares its output shard with
-single-process ta.attention on the full inputs.
+the same full inputs from a seed, takes its shard of positions, and compares its output shard, and
+the gradients of its shards, with single-process ta.attention on the full inputs.
 """
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import replace
 from datetime import timedelta
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,7 +24,7 @@ import tensorattn as ta
 from tensorattn.backends.exact import TileEngine, stream_forward
 from tensorattn.distributed import _merge
 from tensorattn.inputs import prepare
-from tensorattn.testing import random_inputs, reference_attention
+from tensorattn.testing import random_inputs, random_rel, reference_attention
 
 pytestmark = pytest.mark.skipif(
     not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed with gloo"
@@ -131,7 +133,7 @@ def _cross_attention_and_custom_spec(rank: int, world: int) -> None:
 
 def _torch_float32_and_bytes(rank: int, world: int) -> None:
     """torch float32 in, torch float32 out; measured traffic equals communication_bytes()."""
-    n, d, e = 32, 8, 8
+    n, d, e = 36, 8, 8
     q, k, v = (torch.from_numpy(a) for a in random_inputs("pairwise", n=n, d=d, batch=(3,), seed=7))
     cuts = _bounds(n, world)
     sl = slice(cuts[rank], cuts[rank + 1])
@@ -196,12 +198,17 @@ def _bad_shards(rank: int, world: int) -> None:
                        "no sequence-parallel implementation")
     _raises_everywhere(lambda: ta.distributed.attention(draw(5, 8), draw(5, 8), draw(5, 8), q_offset=3),
                        "q_offset=3")
-    W = draw(19, 8, 8)
-    _raises_everywhere(lambda: ta.distributed.attention(draw(5, 8), draw(5, 8), draw(5, 8), spec="relative", rel=W),
-                       "'relative'", "not supported")
-    qg = torch.zeros(5, 8, requires_grad=True)
+    W = np.random.default_rng(99).uniform(-1, 1, (19, 8, 8)).astype(np.float32)  # the same on every rank
+    _raises_everywhere(lambda: ta.distributed.attention(draw(5, 8), draw(5, 8), draw(5, 8), spec="relative", rel=W,
+                                                        backend="poly"),
+                       "'relative' has no sequence-parallel", "backend='exact'", "ta.attention(", "spec='rope'")
+    _raises_everywhere(lambda: ta.distributed.attention(draw(5, 8), draw(5, 8), draw(5, 8), spec="relative",
+                                                        rel=W[:12]), "rel (W) has 12 matrices", "n+m-1 = 10+10-1 = 19")
+    _raises_everywhere(lambda: ta.distributed.attention(draw(5, 8), draw(5, 8), draw(5, 8), spec="relative",
+                                                        rel=draw(19, 8, 8)), "rel (W) differs across ranks")
+    qg = torch.zeros(5, 8, requires_grad=rank == 0)
     _raises_everywhere(lambda: ta.distributed.attention(qg, torch.zeros(5, 8), torch.zeros(5, 8)),
-                       "forward pass only", "torch.no_grad()")
+                       "require grad differ across ranks", "rank 0: q", "rank 1: none", "torch.no_grad()")
     # after all those refusals the ranks are still in step: a good call works
     q, k, v = random_inputs("pairwise", n=10, d=8, seed=1)
     cuts = _bounds(10, world)
@@ -211,10 +218,146 @@ def _bad_shards(rank: int, world: int) -> None:
     assert np.abs(out - want).max() <= 1e-6
 
 
+GRAD_CASES = [  # (spec, backend, causal, n, options); memory_budget=600 sends the ring in 1-token pieces
+    ("pairwise", "exact", False, 11, {}),
+    ("pairwise", "exact", True, 11, {"memory_budget": 600}),
+    ("pairwise", "poly", False, 11, {}),
+    ("pairwise", "poly", True, 11, {}),
+    ("rope", "exact", False, 10, {"rope_layout": "half"}),
+    ("rope", "exact", True, 10, {}),
+    ("rope", "poly", False, 10, {}),
+    ("rope", "poly", True, 10, {}),
+    ("triple", "exact", False, 7, {"memory_budget": 600}),
+    ("triple", "exact", True, 7, {}),
+    ("triple", "poly", False, 7, {}),
+    ("triple", "poly", True, 7, {}),
+]
+
+
+def _leaves(x, requires_grad: bool = True):
+    if isinstance(x, tuple):
+        return tuple(_leaves(t, requires_grad) for t in x)
+    return torch.tensor(np.asarray(x), dtype=torch.float64, requires_grad=requires_grad)
+
+
+def _flat(x) -> list:
+    return list(x) if isinstance(x, tuple) else [x]
+
+
+def _shard_leaves(x, rank: int, cuts: list[int]):
+    """This rank's positions of a full leaf, as a new leaf with the same requires_grad."""
+    if isinstance(x, tuple):
+        return tuple(_shard_leaves(t, rank, cuts) for t in x)
+    return x.detach()[..., cuts[rank]: cuts[rank + 1], :].clone().requires_grad_(x.requires_grad)
+
+
+def _max_grad_difference(shards: list, fulls: list, rank: int, cuts: list[int]) -> float:
+    worst = 0.0
+    for part, whole in zip(shards, fulls):
+        assert (part.grad is None) == (whole.grad is None)
+        if part.grad is not None:
+            worst = max(worst, float((part.grad - whole.grad[..., cuts[rank]: cuts[rank + 1], :]).abs().max()))
+    return worst
+
+
+def _gradients_match_single_process(rank: int, world: int) -> None:
+    """Backward through ta.distributed.attention gives each rank the gradient of its shards that
+    one process gets on the concatenated inputs, and the same gradient certificate."""
+    for case, (spec, backend, causal, n, opts) in enumerate(GRAD_CASES):
+        q, k, v = random_inputs(spec, n=n, d=4, batch=(2,), dtype=np.float64, seed=case)
+        kw = dict(spec=spec, backend=backend, causal=causal, scale=1 / 4, **opts)
+        # case 0: only q tracks grad (the ring's dK/dV stay home); case 2: only k and v do
+        Q, K, V = _leaves(q, case != 2), _leaves(k, case != 0), _leaves(v, case != 0)
+        full, info1 = ta.attention(Q, K, V, return_info=True, **kw)
+        upstream = torch.from_numpy(np.random.default_rng(50 + case).standard_normal(tuple(full.shape)))
+        (full * upstream).sum().backward()
+        cuts = _bounds(n, world)
+        qs, ks, vs = (_shard_leaves(t, rank, cuts) for t in (Q, K, V))
+        out, info = ta.distributed.attention(qs, ks, vs, return_info=True, **kw)
+        (out * upstream[..., cuts[rank]: cuts[rank + 1], :]).sum().backward()
+        where = f"rank {rank}/{world}, case {case} {spec} {backend} causal={causal} {opts}"
+        assert float((out - full[..., cuts[rank]: cuts[rank + 1], :]).abs().max()) <= 1e-10, where
+        err = _max_grad_difference([qs, *_flat(ks), *_flat(vs)], [Q, *_flat(K), *_flat(V)], rank, cuts)
+        assert err <= 1e-10, f"{where}: max |grad distributed - grad single process| = {err:.3e}"
+        assert (info.backend, info.degree) == (info1.backend, info1.degree), where
+        assert info.grad.names == info1.grad.names, where
+        assert info.grad.per_l1 == pytest.approx(info1.grad.per_l1, rel=1e-12), where
+        assert info.grad_error_bound == pytest.approx(info1.grad_error_bound, rel=1e-12), where
+
+
+def _relative_gradients(rank: int, world: int) -> None:
+    """Spec relative on the exact ring: W is indexed with global positions; each rank's dW is its
+    part, and the parts sum to the one-process dW."""
+    n, d = 9, 4
+    for case, (causal, opts) in enumerate([(False, {}), (True, {"alibi_slope": 0.1, "memory_budget": 700})]):
+        q, k, v = random_inputs("pairwise", n=n, d=d, batch=(2,), dtype=np.float64, seed=case)
+        W = random_rel(n, n, d, dtype=np.float64, seed=case)
+        Q, K, V, Wt = (_leaves(a) for a in (q, k, v, W))
+        kw = dict(spec="relative", causal=causal, scale=1 / d, **opts)
+        full = ta.attention(Q, K, V, rel=Wt, backend="exact", **kw)
+        upstream = torch.from_numpy(np.random.default_rng(case).standard_normal(tuple(full.shape)))
+        (full * upstream).sum().backward()
+        cuts = _bounds(n, world)
+        qs, ks, vs = (_shard_leaves(t, rank, cuts) for t in (Q, K, V))
+        Ws = Wt.detach().clone().requires_grad_(True)
+        out, info = ta.distributed.attention(qs, ks, vs, rel=Ws, return_info=True, **kw)  # 'auto' runs exact
+        assert info.backend == "exact"
+        (out * upstream[:, cuts[rank]: cuts[rank + 1]]).sum().backward()
+        assert float((out - full[:, cuts[rank]: cuts[rank + 1]]).abs().max()) <= 1e-10
+        assert _max_grad_difference([qs, ks, vs], [Q, K, V], rank, cuts) <= 1e-10, (rank, case)
+        dW = Ws.grad.clone()
+        dist.all_reduce(dW)
+        assert float((dW - Wt.grad).abs().max()) <= 1e-10, (rank, case)
+
+
+def _backward_bytes(rank: int, world: int) -> None:
+    """The backward's traffic: poly moves r x (e+1) per slot whatever n is; the exact ring passes
+    the blocks again and their dK/dV accumulators P times. Both match communication_bytes()."""
+    d = e = 4
+    for causal in (False, True):
+        got = []
+        for n in (12, 48):
+            q, k, v = (_shard_leaves(t, rank, _bounds(n, world))
+                       for t in (_leaves(a) for a in random_inputs("pairwise", n=n, d=d, dtype=np.float64, seed=n)))
+            out, info = ta.distributed.attention(q, k, v, backend="poly", degree=2, causal=causal, scale=1 / d,
+                                                 return_info=True)
+            with ta.distributed.count_bytes() as log:
+                out.sum().backward()
+            op = "poly_prefix_grad" if causal else "poly_states_grad"
+            assert set(log.calls) == {op}, log.calls
+            got.append(log.received)
+            assert log.received == ta.distributed.communication_bytes(
+                "poly", n=n, ranks=world, d=d, e=e, rank=info.rank, causal=causal, itemsize=8, backward=True)
+        assert got[0] == got[1], f"poly backward bytes depend on n: {got}"
+    n = 4 * world
+    q, k, v = (_shard_leaves(t, rank, _bounds(n, world))
+               for t in (_leaves(a) for a in random_inputs("pairwise", n=n, d=d, dtype=np.float64, seed=0)))
+    out = ta.distributed.attention(q, k, v, backend="exact", scale=1 / d)
+    with ta.distributed.count_bytes() as log:
+        out.sum().backward()
+    assert log.received_by_op["ring_backward"] == (world - 1) * 4 * (d + e) * 8
+    assert log.received_by_op["ring_grads"] == world * 4 * (d + e) * 8
+    assert log.received == ta.distributed.communication_bytes("exact", n=n, ranks=world, d=d, e=e, itemsize=8,
+                                                              backward=True)
+
+
+def _training_example(rank: int, world: int) -> None:
+    """examples/distributed_training.py: a few steps on 2 ranks follow the one-process loss curve."""
+    path = Path(__file__).resolve().parents[1] / "examples" / "distributed_training.py"
+    spec = importlib.util.spec_from_file_location("distributed_training", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    kw = dict(steps=3, n=24, batch=2)
+    sharded = example.train(rank=rank, world=world, distributed=True, **kw)
+    assert example.compare(sharded, example.train(**kw)) <= 1e-4, sharded
+
+
 def _two_rank_checks(rank: int, world: int) -> None:
     _matches_single_process(rank, world)
+    _gradients_match_single_process(rank, world)
     _cross_attention_and_custom_spec(rank, world)
     _bad_shards(rank, world)
+    _training_example(rank, world)
 
 
 # --------------------------------------------------------------------------- tests
@@ -254,34 +397,53 @@ def test_communication_formula():
     assert poly == 1287 * 9 * 4
     assert ta.distributed.communication_bytes("exact", n=1 << 16, ranks=4, d=8, e=8) == 3 * (1 << 14) * 16 * 4
     assert ta.distributed.communication_bytes("exact", n=64, ranks=4, d=8, e=8, order=3) == 15 * 16 * 16 * 4
+    # backward: poly moves the gradients of the same statistics; the ring adds P accumulator hops
+    assert poly == ta.distributed.communication_bytes("poly", n=1 << 16, ranks=4, d=8, e=8, rank=1287, backward=True)
+    block = (1 << 14) * 16 * 4
+    assert ta.distributed.communication_bytes("exact", n=1 << 16, ranks=4, d=8, e=8, backward=True) == (3 + 4) * block
+    assert ta.distributed.communication_bytes("exact", n=64, ranks=4, d=8, e=8, order=3, backward=True) == (
+        (15 + 4 + 16) * 16 * 16 * 4)
+    assert ta.distributed.communication_bytes("exact", n=64, ranks=1, d=8, e=8, backward=True) == 0
     with pytest.raises(ta.InputError, match="rank="):
         ta.distributed.communication_bytes("poly", n=64, ranks=4, d=8, e=8)
 
 
-def test_two_ranks_match_single_process_and_refuse_bad_shards(tmp_path):
+def test_two_ranks_match_single_process_with_gradients_and_refuse_bad_shards(tmp_path):
     _spawn(tmp_path, 2, _two_rank_checks)
 
 
 def _subgroups(rank: int, world: int) -> None:
-    """Two groups of two ranks run independent calls; group ranks map to global ranks."""
-    groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]
-    group, sub_rank = groups[rank // 2], rank % 2
-    q, k, v = random_inputs("pairwise", n=9, d=4, dtype=np.float64, seed=rank // 2)
-    cuts = _bounds(9, 2)
+    """Groups [0, 2] and [1] run independent calls, forward and backward; group rank 1 of [0, 2]
+    is global rank 2."""
+    members = [[0, 2], [1]]
+    groups = [dist.new_group(ranks) for ranks in members]
+    which = 1 if rank == 1 else 0
+    group, sub_rank, size = groups[which], members[which].index(rank), len(members[which])
+    q, k, v = random_inputs("pairwise", n=9, d=4, dtype=np.float64, seed=which)
+    Q, K, V = _leaves(q), _leaves(k), _leaves(v)
+    cuts = _bounds(9, size)
     for backend in ("exact", "poly"):
         for causal in (False, True):
-            out = ta.distributed.attention(_shard(q, sub_rank, cuts), _shard(k, sub_rank, cuts),
-                                           _shard(v, sub_rank, cuts), backend=backend, causal=causal,
-                                           group=group, on_unbounded="ignore")
-            want = ta.attention(q, k, v, backend=backend, causal=causal, on_unbounded="ignore")
-            assert np.abs(out - want[cuts[sub_rank]: cuts[sub_rank + 1]]).max() <= 1e-10, (rank, backend)
+            kw = dict(backend=backend, causal=causal, on_unbounded="ignore")
+            qs, ks, vs = (_shard_leaves(t, sub_rank, cuts) for t in (Q, K, V))
+            out = ta.distributed.attention(qs, ks, vs, group=group, **kw)
+            for t in (Q, K, V):
+                t.grad = None
+            want = ta.attention(Q, K, V, **kw)
+            assert float((out - want[cuts[sub_rank]: cuts[sub_rank + 1]]).abs().max()) <= 1e-10, (rank, backend)
+            out.sum().backward()
+            want.sum().backward()
+            assert _max_grad_difference([qs, ks, vs], [Q, K, V], sub_rank, cuts) <= 1e-10, (rank, backend)
 
 
-def _four_rank_checks(rank: int, world: int) -> None:
+def _three_rank_checks(rank: int, world: int) -> None:
     _matches_single_process(rank, world)
+    _gradients_match_single_process(rank, world)
+    _relative_gradients(rank, world)
     _torch_float32_and_bytes(rank, world)
+    _backward_bytes(rank, world)
     _subgroups(rank, world)
 
 
-def test_four_ranks_match_single_process_and_count_bytes(tmp_path):
-    _spawn(tmp_path, 4, _four_rank_checks)
+def test_three_ranks_match_single_process_with_gradients_and_count_bytes(tmp_path):
+    _spawn(tmp_path, 3, _three_rank_checks)

@@ -36,13 +36,16 @@ def contract(expr: str, *tensors: torch.Tensor) -> torch.Tensor:
 class TileEngine:
     """Score, mask and value contraction for one tile; shared by forward and backward."""
 
-    def __init__(self, ops: Operands, budget_bytes: int):
+    def __init__(self, ops: Operands, budget_bytes: int, rel_m: int | None = None):
+        """``rel_m`` is the key count W is indexed against (W[i - j + rel_m - 1]); a sequence
+        shard's block of keys passes the global m, so that positions stay global."""
         spec = ops.spec
         lay, ve = spec.slots, spec.value_einsum
         self.ops = ops
         self.order = spec.order
         self.scale = ops.scale
         self.relative = spec.positional == "relative"
+        self.rel_m = ops.ms[0] if rel_m is None else int(rel_m)
         self.slope = ops.alibi_slope if self.relative else 0.0
         tokens = "".join(lay.tokens)
         if spec.is_polynomial:  # a sum of terms: each term's einsum, placed on the slots it names
@@ -82,7 +85,7 @@ class TileEngine:
         if self.relative:
             qp = self.q_pos[i0: i0 + q.shape[1]]
             kp = self.k_pos[0][spans[0][0]: spans[0][1]]
-            idx = relative_offsets(self.ops.ms[0], qp, kp)
+            idx = relative_offsets(self.rel_m, qp, kp)
             s = contract("...ia,ijab,...jb->...ij", q, rel[idx], ks[0]) * self.scale
             if self.slope:
                 s = s + alibi_bias(self.slope, qp, kp, s.dtype)
@@ -159,6 +162,37 @@ def stream_forward(engine: TileEngine, q, keys, values, rel) -> tuple[torch.Tens
     return out, lse
 
 
+def stream_backward(engine: TileEngine, q, keys, values, rel, d_out, lse, delta, dq, dks, dvs, drel) -> None:
+    """Recomputing backward of one (queries, keys) pair: adds the gradients of every tile into
+    ``dq``, ``dks``, ``dvs`` and ``drel`` (None without W). ``lse`` and ``delta`` = <dO_i, out_i>
+    are per-row statistics of the *whole* softmax, so the keys may be one block of a longer
+    sequence (the ring backward of ``ta.distributed``)."""
+    nk = engine.order - 1
+    Z = q.shape[0]
+    for z0, z1, i0, i1 in _slices(engine, Z):
+        L = lse[z0:z1, i0:i1].reshape(z1 - z0, i1 - i0, *([1] * nk))
+        Dd = delta[z0:z1, i0:i1].reshape(L.shape)
+        dO = d_out[z0:z1, i0:i1]
+        for spans in engine.blocks(i0, i1):
+            with torch.enable_grad():
+                qc = q[z0:z1, i0:i1].detach().requires_grad_(True)
+                ks = [keys[s][z0:z1, a:b].detach().requires_grad_(True) for s, (a, b) in enumerate(spans)]
+                vs = [values[s][z0:z1, a:b].detach().requires_grad_(True) for s, (a, b) in enumerate(spans)]
+                rl = rel.detach().requires_grad_(True) if rel is not None else None
+                s = engine.scores(qc, ks, rl, i0, spans)
+                p = torch.exp(s - L)
+                objective = (engine.values(p, vs) * dO).sum() - (p * Dd).sum()
+                inputs = [qc, *ks, *vs] + ([rl] if rl is not None else [])
+                grads = torch.autograd.grad(objective, inputs, allow_unused=True)
+            dq[z0:z1, i0:i1] += grads[0]
+            for s_, (a, b) in enumerate(spans):
+                if grads[1 + s_] is not None:
+                    dks[s_][z0:z1, a:b] += grads[1 + s_]
+                dvs[s_][z0:z1, a:b] += grads[1 + nk + s_]
+            if rl is not None and grads[-1] is not None:
+                drel += grads[-1]
+
+
 class ExactAttentionFunction(torch.autograd.Function):
     """Exact attention with a recomputing backward (memory O(n * block) in training too)."""
 
@@ -185,29 +219,7 @@ class ExactAttentionFunction(torch.autograd.Function):
         dks = [torch.zeros_like(k) for k in keys]
         dvs = [torch.zeros_like(v) for v in values]
         drel = torch.zeros_like(rel) if rel is not None else None
-        Z = q.shape[0]
-        for z0, z1, i0, i1 in _slices(engine, Z):
-            L = lse[z0:z1, i0:i1].reshape(z1 - z0, i1 - i0, *([1] * nk))
-            Dd = delta[z0:z1, i0:i1].reshape(L.shape)
-            dO = d_out[z0:z1, i0:i1]
-            for spans in engine.blocks(i0, i1):
-                with torch.enable_grad():
-                    qc = q[z0:z1, i0:i1].detach().requires_grad_(True)
-                    ks = [keys[s][z0:z1, a:b].detach().requires_grad_(True) for s, (a, b) in enumerate(spans)]
-                    vs = [values[s][z0:z1, a:b].detach().requires_grad_(True) for s, (a, b) in enumerate(spans)]
-                    rl = rel.detach().requires_grad_(True) if rel is not None else None
-                    s = engine.scores(qc, ks, rl, i0, spans)
-                    p = torch.exp(s - L)
-                    objective = (engine.values(p, vs) * dO).sum() - (p * Dd).sum()
-                    inputs = [qc, *ks, *vs] + ([rl] if rl is not None else [])
-                    grads = torch.autograd.grad(objective, inputs, allow_unused=True)
-                dq[z0:z1, i0:i1] += grads[0]
-                for s_, (a, b) in enumerate(spans):
-                    if grads[1 + s_] is not None:
-                        dks[s_][z0:z1, a:b] += grads[1 + s_]
-                    dvs[s_][z0:z1, a:b] += grads[1 + nk + s_]
-                if rl is not None and grads[-1] is not None:
-                    drel += grads[-1]
+        stream_backward(engine, q, keys, values, rel, d_out, lse, delta, dq, dks, dvs, drel)
         return (None, None, dq, *dks, *dvs, *([drel] if rel is not None else []))
 
 
