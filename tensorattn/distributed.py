@@ -275,6 +275,15 @@ def _local_description(spec_arg, q, k, v, call: dict[str, Any]
                 f"spec {spec.name!r} is not separable and has no sequence-parallel implementation; "
                 "use ta.attention on one process"
             )
+        if spec.is_polynomial:
+            if request.backend == "poly":
+                raise InputError(
+                    f"backend='poly' for the attention polynomial {spec.name!r} has no sequence-parallel "
+                    "implementation (its methods contract states that span the whole sequence per term). Use "
+                    "backend='exact' (the ring over key tuples) here, or ta.attention(..., backend='poly') on "
+                    "one process"
+                )
+            request = replace(request, backend="exact")  # 'auto' too: poly has no ring form here
         if request.q_offset is not None:
             raise InputError(
                 f"q_offset={request.q_offset!r} cannot be passed to ta.distributed.attention: "
@@ -716,7 +725,7 @@ def attention(q: Any, k: Any, v: Any, *, spec: str | Spec = "pairwise", group=No
     # global statistics: every bound is a max over tokens, so the max over ranks is exact
     maxima = torch.tensor(operand_maxima(ops).flat(), dtype=torch.float64, device=ops.q.device)
     comm.all_reduce(maxima, dist.ReduceOp.MAX, "plan_maxima")
-    maxima = OperandMaxima.from_flat(maxima.tolist(), ops.order)
+    maxima = OperandMaxima.from_flat(maxima.tolist(), sum(t.order for t in ops.spec.terms))
     whole = _global_view(ops, layout)
     plan = plan_for(whole, request, maxima=maxima)
     # with grad: autograd records the local engines and the cross-rank autograd.Functions

@@ -79,6 +79,8 @@ CASES = [  # (spec, backend, causal, n, options)
     ("triple", "exact", True, 7, {}),
     ("triple", "poly", False, 7, {}),
     ("triple", "poly", True, 7, {}),
+    ("strassen", "exact", False, 7, {}),
+    ("tree", "exact", True, 7, {}),
 ]
 
 
@@ -206,6 +208,9 @@ def _bad_shards(rank: int, world: int) -> None:
                                                         rel=W[:12]), "rel (W) has 12 matrices", "n+m-1 = 10+10-1 = 19")
     _raises_everywhere(lambda: ta.distributed.attention(draw(5, 8), draw(5, 8), draw(5, 8), spec="relative",
                                                         rel=draw(19, 8, 8)), "rel (W) differs across ranks")
+    x3 = (draw(5, 8), draw(5, 8))
+    _raises_everywhere(lambda: ta.distributed.attention(draw(5, 8), x3, x3, spec="strassen", backend="poly"),
+                       "attention polynomial 'strassen' has no sequence-parallel", "backend='exact'")
     qg = torch.zeros(5, 8, requires_grad=rank == 0)
     _raises_everywhere(lambda: ta.distributed.attention(qg, torch.zeros(5, 8), torch.zeros(5, 8)),
                        "require grad differ across ranks", "rank 0: q", "rank 1: none", "torch.no_grad()")
@@ -231,6 +236,7 @@ GRAD_CASES = [  # (spec, backend, causal, n, options); memory_budget=600 sends t
     ("triple", "exact", True, 7, {}),
     ("triple", "poly", False, 7, {}),
     ("triple", "poly", True, 7, {}),
+    ("tree", "exact", False, 6, {}),
 ]
 
 
