@@ -137,7 +137,9 @@ class Problem:
     flattened output value size, ``Z`` the product of the batch dims. ``beta`` bounds every
     |score|, ``B`` is the papers' entry bound, ``vmax`` bounds |value of a key tuple|. ``dtype`` is
     the compute dtype of the inputs ("float32" or "float64"). For spec ``relative``, ``relative``
-    is the support of W and ``alibi_slope`` its decay.
+    is the support of W and ``alibi_slope`` its decay. ``key_mask`` is None, ``"binary"`` (key
+    weights 0 or 1) or ``"additive"`` (a float key bias); ``attn_mask`` says a general (per query)
+    mask is present. Backends that cannot apply a mask refuse the problem in ``serves``.
     """
 
     spec: Spec
@@ -157,6 +159,8 @@ class Problem:
     q_offset: int = 0
     relative: Any = None
     alibi_slope: float = 0.0
+    key_mask: str | None = None
+    attn_mask: bool = False
 
     @property
     def order(self) -> int:

@@ -24,6 +24,7 @@ import torch
 from ..approx.features import feature_map, query_weights, rank_for
 from ..errors import InputError
 from ..inputs import Operands
+from ..masks import factorized_refusal
 from ..registry import Backend, Refusal
 from .poly import FactorizedAttention, expand_operand
 
@@ -56,6 +57,9 @@ class SDPABackend(Backend):
         refusal = _order2_refusal(spec)
         if refusal is not None:
             return refusal
+        if problem is not None and (problem.key_mask or problem.attn_mask):
+            return Refusal("the sdpa baseline applies the causal mask only (torch's SDPA gives NaN on fully "
+                           "masked rows); use backend='exact' or 'poly'")
         ve = spec.value_einsum
         if ve.summed or tuple(ve.value_letters[0]) != tuple(ve.out_letters):
             return Refusal(f"its value einsum {spec.value!r} is not out_i = sum_j p_ij v_j")
@@ -114,6 +118,8 @@ class FavorBackend(Backend):
 
     def serves(self, spec, problem) -> bool | Refusal:
         refusal = _order2_refusal(spec)
+        if refusal is None:  # a Refusal is falsy, so no `or` here
+            refusal = factorized_refusal(problem)
         return True if refusal is None else refusal
 
     def run(self, plan, ops: Operands) -> torch.Tensor:
@@ -172,7 +178,8 @@ class Taylor2Backend(Backend):
     def serves(self, spec, problem) -> bool | Refusal:
         if not spec.separable:
             return Refusal("its score depends on i - j through W, so it has no per-token feature map")
-        return True
+        refusal = factorized_refusal(problem)
+        return True if refusal is None else refusal
 
     def run(self, plan, ops: Operands) -> torch.Tensor:
         dtype = ops.dtype

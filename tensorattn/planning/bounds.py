@@ -103,5 +103,5 @@ def problem_for(ops: Operands, request: Request, *, maxima: OperandMaxima | None
         beta=stats.beta, B=stats.B, scale=ops.scale, Z=ops.q.shape[0], causal=ops.causal, vmax=stats.vmax,
         dtype="float64" if ops.dtype == torch.float64 else "float32", need_grad=need_grad,
         q_offset=ops.q_offset, relative=relative_support(ops.rel, ops.D) if ops.rel is not None else None,
-        alibi_slope=ops.alibi_slope,
+        alibi_slope=ops.alibi_slope, key_mask=ops.key_mask, attn_mask=ops.attn_mask is not None,
     )

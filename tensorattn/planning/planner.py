@@ -154,6 +154,7 @@ class Plan:
         lines = [
             f"  Spec:               {p.spec.name}  (order {k}, score {p.spec.score!r})",
             f"  Sizes:              n={p.n}  m={m_text}  D={p.D}  e={p.E}  batch={p.Z}  causal={p.causal}",
+            *([f"  Masks:              {_mask_text(p)}"] if p.key_mask or p.attn_mask else []),
             f"  Scale:              {p.scale:.6g}",
             f"  Entry bound B:      {p.B:.4f}   threshold tau_{k}(n) = (ln {p.n_max})^(1/{k}) = "
             f"{self.threshold:.4f}  -> {self.verdict}",
@@ -179,6 +180,11 @@ class Plan:
             )
         lines.append(f"  Backend:            {self.backend}  ({self.reason})")
         return "Plan(\n" + "\n".join(lines) + "\n)"
+
+
+def _mask_text(p: Problem) -> str:
+    parts = [f"key mask ({p.key_mask})"] if p.key_mask else []
+    return ", ".join(parts + (["general attn_mask"] if p.attn_mask else []))
 
 
 def _bound_message(plan: Plan, what: str) -> str:
@@ -246,7 +252,8 @@ def make_plan(problem: Problem, request: Request, backends: dict[str, Backend] |
     if backend == AUTO:
         if not poly_serves:
             why = getattr(poly_serves, "reason", "no poly backend is registered")
-            return Plan(**base, backend="exact", reason=f"poly does not serve spec {spec.name!r}: {why}")
+            what = "this call" if problem.key_mask or problem.attn_mask else f"spec {spec.name!r}"
+            return Plan(**base, backend="exact", reason=f"poly does not serve {what}: {why}")
         if not passed:
             return Plan(**base, backend="exact", reason="B is past the threshold")
         if cert is None or cert.rank > request.max_rank:
