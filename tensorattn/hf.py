@@ -24,6 +24,7 @@ model's ``scaling`` and transformers' output layout are handled here. ``record()
 from __future__ import annotations
 
 import contextlib
+import inspect
 import warnings
 from typing import Any, Callable, Iterator
 
@@ -41,7 +42,7 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError(
         "tensorattn.hf needs Hugging Face transformers (with AttentionInterface and AttentionMaskInterface, "
-        "transformers >= 4.53); install the extra: pip install 'tensorattn[hf]'"
+        "transformers >= 5.0); install the extra: pip install 'tensorattn[hf]'"
     ) from exc
 
 from .api import attention
@@ -50,16 +51,20 @@ from .errors import InputError
 #: attention implementation name -> tensorattn backend
 IMPLEMENTATIONS = {"tensorattn": "auto", "tensorattn_exact": "exact", "tensorattn_poly": "poly"}
 
+#: sdpa_mask's parameters: transformers 5.0 takes the query positions (cache_position), later
+#: versions the query length and offset
+_SDPA_MASK_PARAMETERS = frozenset(inspect.signature(sdpa_mask).parameters)
 #: the attribute of a mask tensor that carries its causal + key-padding description
 _DESCRIPTION = "_tensorattn_mask"
 _records: list | None = None
 
 
-def build_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0, kv_offset: int = 0,
-                  mask_function: Callable = causal_mask_function, attention_mask: torch.Tensor | None = None,
-                  local_size: int | None = None, allow_is_causal_skip: bool = True,
-                  allow_is_bidirectional_skip: bool = False, use_vmap: bool = False,
-                  device: torch.device | str = "cpu", **kwargs: Any) -> torch.Tensor | None:
+def build_mask(batch_size: int, q_length: int | None = None, kv_length: int = 0, q_offset: int = 0,
+               kv_offset: int = 0, mask_function: Callable = causal_mask_function,
+               attention_mask: torch.Tensor | None = None, local_size: int | None = None,
+               allow_is_causal_skip: bool = True, allow_is_bidirectional_skip: bool = False, use_vmap: bool = False,
+               device: torch.device | str = "cpu", cache_position: torch.Tensor | None = None,
+               **kwargs: Any) -> torch.Tensor | None:
     """The mask of one forward pass, with transformers' mask-interface signature.
 
     Returns None for the plain causal (query and key positions aligned) or bidirectional pattern
@@ -68,6 +73,8 @@ def build_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0
     may read; for the plain patterns with padding it also carries a description (causal, query
     offset, padded keys) that the attention function runs as ``causal=True`` plus a key padding
     mask, so the n x m mask is never read per tile and poly serves it."""
+    if cache_position is not None:  # older transformers give the query positions instead
+        q_length, q_offset, device = cache_position.shape[0], int(cache_position[0]), cache_position.device
     padding = prepare_padding_mask(attention_mask, kv_length, kv_offset)
     keep = None if padding is None else padding[:, kv_offset: kv_offset + kv_length].to(torch.bool)
     plain = local_size is None and mask_function in (causal_mask_function, bidirectional_mask_function)
@@ -76,10 +83,13 @@ def build_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0
     unpadded = keep is None or bool(keep.all())
     if plain and unpadded and (not causal or (q_length == kv_length and q_offset == kv_offset)):
         return None
-    dense = sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
-                      kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
-                      local_size=local_size, allow_is_causal_skip=False, allow_is_bidirectional_skip=False,
-                      use_vmap=use_vmap, device=device)
+    if "cache_position" in _SDPA_MASK_PARAMETERS:
+        queries = {"cache_position": torch.arange(q_offset, q_offset + q_length, device=device)}
+    else:
+        queries = {"q_length": q_length, "q_offset": q_offset, "device": device}
+    dense = sdpa_mask(batch_size=batch_size, kv_length=kv_length, kv_offset=kv_offset, mask_function=mask_function,
+                      attention_mask=attention_mask, local_size=local_size, allow_is_causal_skip=False,
+                      allow_is_bidirectional_skip=False, use_vmap=use_vmap, **queries)
     if plain and q_offset >= kv_offset:
         padded = None if unpadded else ~keep
         setattr(dense, _DESCRIPTION, (causal, q_offset - kv_offset, padded))

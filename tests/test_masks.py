@@ -17,11 +17,6 @@ from .strategies import attention_cases
 TOL = {np.float32: 2e-5, np.float64: 1e-10}
 
 
-def _lead(x) -> tuple:
-    spec_x = x[0] if isinstance(x, tuple) else x
-    return spec_x.shape[:-2]
-
-
 @st.composite
 def key_masks(draw, shape, per_slot: int = 0):
     """A bool or float (0/-inf) key mask of ``shape`` (..., m), sometimes with fully masked rows."""
@@ -210,7 +205,7 @@ def test_attention_weights_match_softmax():
     [
         ({"attn_mask": np.zeros((5, 5)), "backend": "poly"}, "attn_mask gives each query its own set of keys"),
         ({"key_padding_mask": np.full(5, 0.5), "backend": "poly"}, "values other than 0 and -inf"),
-        ({"key_padding_mask": np.zeros(5, dtype=bool), "backend": "sdpa"}, "sdpa baseline applies the causal mask only"),
+        ({"key_padding_mask": np.zeros(5, dtype=bool), "backend": "sdpa"}, "backend 'sdpa' does not apply key padding"),
         ({"attn_mask": np.zeros((5, 5)), "backend": "favor"}, "attn_mask gives each query"),
         ({"key_padding_mask": np.zeros(5, dtype=np.int64)}, "dtype torch.int64; a mask is bool"),
         ({"key_padding_mask": np.zeros(4, dtype=bool)}, "last dim must be the number of keys, m=5"),
@@ -231,3 +226,17 @@ def test_auto_with_a_general_mask_says_why_it_runs_exact():
     plan = ta.check_bounds(x, x, attn_mask=torch.rand(300, 300) < 0.5, scale=0.1)
     assert plan.backend == "exact" and plan.reason.startswith("poly does not serve this call: attn_mask")
     assert "Masks:              general attn_mask" in repr(plan)
+
+
+def test_a_backend_that_does_not_apply_masks_is_never_given_one(restore_registry):
+    class Plain(ta.Backend):
+        name = "plain"
+
+        def run(self, plan, ops):  # pragma: no cover - never reached with a mask
+            return ops.values[0]
+
+    ta.register_backend(Plain())
+    x = torch.rand(5, 4)
+    assert ta.attention(x, x, x, backend="plain").shape == (5, 4)
+    with pytest.raises(ta.InputError, match="backend 'plain' does not apply key padding or attention masks"):
+        ta.attention(x, x, x, backend="plain", key_padding_mask=torch.zeros(5, dtype=torch.bool))

@@ -57,9 +57,6 @@ class SDPABackend(Backend):
         refusal = _order2_refusal(spec)
         if refusal is not None:
             return refusal
-        if problem is not None and (problem.key_mask or problem.attn_mask):
-            return Refusal("the sdpa baseline applies the causal mask only (torch's SDPA gives NaN on fully "
-                           "masked rows); use backend='exact' or 'poly'")
         ve = spec.value_einsum
         if ve.summed or tuple(ve.value_letters[0]) != tuple(ve.out_letters):
             return Refusal(f"its value einsum {spec.value!r} is not out_i = sum_j p_ij v_j")
@@ -115,6 +112,7 @@ class FavorBackend(Backend):
     default 256) and ``seed`` (the random features are a deterministic function of it)."""
 
     name = "favor"
+    applies_masks = True  # through the factorized engine; serves() refuses what it cannot apply
 
     def serves(self, spec, problem) -> bool | Refusal:
         refusal = _order2_refusal(spec)
@@ -174,6 +172,7 @@ class Taylor2Backend(Backend):
     symmetric features of rank C(D+2, 2); the same function as [1, x, x (x) x / sqrt 2]."""
 
     name = "taylor2"
+    applies_masks = True  # through the factorized engine; serves() refuses what it cannot apply
 
     def serves(self, spec, problem) -> bool | Refusal:
         if not spec.separable:

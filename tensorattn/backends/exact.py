@@ -224,6 +224,7 @@ class ExactBackend(Backend):
 
     name = "exact"
     certified = True
+    applies_masks = True
 
     def weights(self, plan, ops: Operands) -> torch.Tensor:
         """The dense attention weights (Z, n, m_1, ..., m_{k-1}), without gradient."""

@@ -242,6 +242,7 @@ class PolyBackend(Backend):
 
     name = "poly"
     certified = True
+    applies_masks = True
 
     def serves(self, spec, problem) -> bool | Refusal:
         refusal = factorized_refusal(problem)

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ..errors import InputError
-from ..registry import AUTO, get_backend
+from ..registry import AUTO, get_backend, serving
 from ..spec import Spec
 from .modules import MultiheadTensorAttention
 
@@ -97,13 +97,13 @@ def _run(model: nn.Module, sample: Any) -> None:
 
 def _poly_ok(plan) -> tuple[bool, str]:
     """Whether poly serves this call with a certificate for tol, and if not, why."""
-    serves = get_backend("poly").serves(plan.spec, plan.problem)
+    serves = serving(get_backend("poly"), plan.spec, plan.problem)
     if not serves:
         return False, serves.reason
-    if plan.certificate is None:
-        return False, f"no polynomial of degree <= max_degree certifies tol at beta = {plan.beta:.3g}"
     if not plan.passed:
         return False, f"B = {plan.B:.3g} is past the threshold tau = {plan.threshold:.3g}"
+    if plan.certificate is None:
+        return False, f"no polynomial of degree <= max_degree certifies tol at beta = {plan.beta:.3g}"
     if plan.certificate.rank > plan.request.max_rank:
         return False, f"rank {plan.certificate.rank:,} exceeds max_rank"
     return True, "certified"

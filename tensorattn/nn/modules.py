@@ -16,7 +16,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .. import positional
-from ..api import AttentionInfo, attend, weights_for
+from ..api import attend, weights_for
 from ..checks import check_number
 from ..errors import InputError, SpecError
 from ..registry import get_backend

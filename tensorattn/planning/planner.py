@@ -16,7 +16,7 @@ from ..approx.polynomials import get_approximant
 from ..checks import check_int, check_number
 from ..errors import BoundError, InputError
 from ..inputs import Operands
-from ..registry import AUTO, Backend, backends_serving, registered
+from ..registry import AUTO, Backend, backends_serving, registered, serving
 from ..request import Problem, Request, default_scale
 from ..spec import Spec, get_spec
 from .bounds import OperandMaxima, problem_for, threshold
@@ -234,7 +234,7 @@ def make_plan(problem: Problem, request: Request, backends: dict[str, Backend] |
     tau = threshold(spec.order, problem.n_max)
     passed = problem.B < tau
     poly = registry.get("poly")
-    poly_serves = poly.serves(spec, problem) if poly is not None else False
+    poly_serves = serving(poly, spec, problem) if poly is not None else False
     cert, rel_terms, rel_note = _poly_certificate(problem, request) if poly_serves else (None, None, "")
     if spec.positional == "relative":
         flops_e = relative_exact_flops(problem.Z, problem.n, problem.ms[0], problem.D, problem.E, problem.causal)
@@ -265,11 +265,12 @@ def make_plan(problem: Problem, request: Request, backends: dict[str, Backend] |
     impl = registry.get(backend)
     if impl is None:
         raise InputError(f"backend {backend!r} is not in the registry this plan was made with: {sorted(registry)}")
-    serves = impl.serves(spec, problem)
+    serves = serving(impl, spec, problem)
     if not serves:
         others = ", ".join(repr(n) for n in backends_serving(spec, problem, registry))
+        what = "this masked call to spec" if problem.key_mask or problem.attn_mask else "spec"
         raise InputError(
-            f"backend={backend!r} cannot serve spec {spec.name!r} (order {spec.order}, score {spec.score!r}"
+            f"backend={backend!r} cannot serve {what} {spec.name!r} (order {spec.order}, score {spec.score!r}"
             f"{', positional=' + repr(spec.positional) if spec.positional else ''}): {serves.reason}. "
             f"Backends that can: {others}"
         )
