@@ -15,7 +15,7 @@ and runs the sample batch once to fill the report: per layer, the entry bound B 
 threshold, whether poly is certified there and with which error bound, and the backend the layer
 runs. The held-out loss and accuracy are printed before and after.
 
-Run:  python examples/convert_model.py            (about a minute on 2 CPU cores)
+Run:  python examples/convert_model.py            (400 steps; minutes on 2 CPU cores)
       python examples/convert_model.py --quick    (a few seconds; a smoke test)
 """
 
@@ -79,7 +79,7 @@ def train(steps: int, seed: int) -> nn.Module:
         loss.backward()
         opt.step()
         if (step + 1) % 100 == 0:
-            print(f"  step {step + 1}: training loss {float(loss):.4f}")
+            print(f"  step {step + 1}: training loss {loss.item():.4f}")
     return model
 
 
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="a few steps and a small held-out set")
     args = parser.parse_args(argv)
-    steps, held = (20, 64) if args.quick else (args.steps, 512)
+    steps, held = (10, 32) if args.quick else (args.steps, 512)
 
     start = time.perf_counter()
     print(f"training a 2-layer nn.TransformerEncoder classifier for {steps} steps")

@@ -208,3 +208,17 @@ def test_convert_model_example_smoke(capsys):
     loss0 = results["torch"][0]
     assert abs(results["exact"][0] - loss0) <= 1e-4 and len(results["poly"][2]) == 2
     assert "held-out loss" in capsys.readouterr().out
+
+
+def test_convert_with_on_unbounded_ignore_runs_poly_past_the_threshold():
+    """on_unbounded='ignore' lets poly run past the threshold with its (still valid) certificate."""
+    torch.manual_seed(8)
+    layer = nn.TransformerEncoderLayer(E, H, dim_feedforward=32, dropout=0.0, batch_first=True)
+    model = nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False).eval()
+    x = torch.randn(2, 16, E) * 0.1
+    with torch.no_grad():
+        ref = model(x)
+    report = ta.nn.convert(model, x, backend="poly", tol=1e-2, on_unbounded="ignore")
+    assert not report[1].passed and report[1].poly_ok and report[1].backend == "poly"
+    with torch.no_grad():
+        assert float((model(x) - ref).abs().max()) <= 0.1

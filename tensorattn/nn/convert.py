@@ -100,7 +100,7 @@ def _poly_ok(plan) -> tuple[bool, str]:
     serves = serving(get_backend("poly"), plan.spec, plan.problem)
     if not serves:
         return False, serves.reason
-    if not plan.passed:
+    if not plan.passed and plan.request.on_unbounded != "ignore":  # "ignore": poly past it, still certified
         return False, f"B = {plan.B:.3g} is past the threshold tau = {plan.threshold:.3g}"
     if plan.certificate is None:
         return False, f"no polynomial of degree <= max_degree certifies tol at beta = {plan.beta:.3g}"

@@ -86,13 +86,9 @@ class _SpecModule(nn.Module):
             )
         return request, options
 
-    def _attend(self, q, k, v, causal: bool | None, return_info: bool, call_options: dict, masks: dict | None = None,
-                request: Request | None = None):
-        if request is None:
-            request, options = self._call_request(causal, call_options)
-        else:
-            options = self._call_request(causal, call_options)[1]
-        return _attend_eager(self.spec, q, k, v, request, options, return_info, masks or {})
+    def _attend(self, q, k, v, causal: bool | None, return_info: bool, call_options: dict, masks: dict):
+        request, options = self._call_request(causal, call_options)
+        return _attend_eager(self.spec, q, k, v, request, options, return_info, masks)
 
     def _spec_repr(self) -> str:
         name = self.spec.name if get_spec_or_none(self.spec.name) == self.spec else repr(self.spec)
