@@ -10,7 +10,7 @@ use; planning (``ta.plan``) loads no backend code.
 
 import importlib
 
-from .api import AttentionInfo, attend, attention, check_bounds, grad_bound_for
+from .api import AttentionInfo, attend, attention, attention_weights, check_bounds, grad_bound_for
 from .errors import BoundError, InputError, SpecError, TensorAttnError
 from .planning import BoundWarning, Plan, make_plan, plan, plan_for, threshold
 from .registry import Backend, Refusal, get_backend, register_backend, registered
@@ -52,6 +52,7 @@ __all__ = [
     "TensorAttnError",
     "attend",
     "attention",
+    "attention_weights",
     "backends",
     "check_bounds",
     "distributed",

@@ -4,12 +4,14 @@ nothing themselves: Spec + Request -> Operands (validation) -> Plan -> Backend -
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Mapping
 
 import numpy as np
 import torch
 
+from .errors import InputError
 from .inputs import Operands, prepare
 from .planning import GradientBound, Plan, certify_gradients, operand_maxima, plan_for
 from .registry import registered
@@ -72,9 +74,10 @@ def run_plan(plan: Plan, ops: Operands) -> torch.Tensor:
 
 
 def attend(spec: Spec, q: Any, k: Any, v: Any, request: Request, spec_options: Mapping[str, Any] | None = None,
-           *, return_info: bool = False):
+           *, return_info: bool = False, key_padding_mask: Any = None, attn_mask: Any = None):
     """``attention`` for a resolved spec and a validated Request (the nn modules call this)."""
-    ops = prepare(spec, q, k, v, request, dict(spec_options or {}))
+    ops = prepare(spec, q, k, v, request, dict(spec_options or {}), key_padding_mask=key_padding_mask,
+                  attn_mask=attn_mask)
     plan = plan_for(ops, request)
     result = ops.restore(run_plan(plan, ops))
     if return_info:
@@ -83,7 +86,8 @@ def attend(spec: Spec, q: Any, k: Any, v: Any, request: Request, spec_options: M
 
 
 @with_call_signature()
-def attention(q: Any, k: Any, v: Any, *, spec: str | Spec = "pairwise", return_info: bool = False, **options: Any):
+def attention(q: Any, k: Any, v: Any, *, spec: str | Spec = "pairwise", return_info: bool = False,
+              key_padding_mask: Any = None, attn_mask: Any = None, **options: Any):
     """Generalized attention: ``out_i = sum over key tuples of softmax(score) * value``.
 
     ``q`` is ``(..., n, d)``; for order-2 specs ``k`` is ``(..., m, d)`` and ``v`` is ``(..., m, e)``,
@@ -93,6 +97,13 @@ def attention(q: Any, k: Any, v: Any, *, spec: str | Spec = "pairwise", return_i
     ``Request`` settings (``backend``, ``tol``, ``causal``, ``scale``, ``on_unbounded``,
     ``max_degree``, ``q_offset`` ...; see ``ta.Request`` for each one and its default) and the
     spec's own options (``rope_base``, ``rel`` ...). See docs/index.md and docs/design.md.
+
+    Masks follow ``torch.nn.MultiheadAttention``: bool True = masked out, float = added to the
+    scores. ``key_padding_mask`` broadcasts to ``(..., m)`` (one per key slot, or one for all);
+    it runs on every backend but sdpa. ``attn_mask`` broadcasts to ``(..., n, m_1, ..., m_{k-1})``
+    (or one ``(..., n, m_s)`` mask per key slot); a causal one runs as ``causal=True``, one that is
+    the same for every query as a key mask, any other on exact only. A query whose key tuples are
+    all masked gets 0 (docs/index.md#masks).
 
     >>> import numpy as np, tensorattn as ta
     >>> rng = np.random.default_rng(0)
@@ -106,7 +117,64 @@ def attention(q: Any, k: Any, v: Any, *, spec: str | Spec = "pairwise", return_i
     """
     spec_obj = get_spec(spec)
     request, spec_options = Request.from_call(spec_obj, **options)
-    return attend(spec_obj, q, k, v, request, spec_options, return_info=return_info)
+    return attend(spec_obj, q, k, v, request, spec_options, return_info=return_info,
+                  key_padding_mask=key_padding_mask, attn_mask=attn_mask)
+
+
+def _unit_values(spec: Spec, k: Any) -> tuple[Spec, Any]:
+    """The spec under the default value einsum and unit values: for calls that need no values."""
+    spec = Spec(spec.name, spec.score, positional=spec.positional, options=spec.options,
+                coefficients=spec.coefficients, block_sizes=spec.block_sizes)
+    keys = list(k) if spec.order > 2 else [k]
+    device = next((x.device for x in keys if isinstance(x, torch.Tensor)), None)
+    v = [torch.ones(*tuple(np.shape(x))[: np.ndim(x) - len(f)], 1, device=device)
+         for x, f in zip(keys, spec.slots.features[1:])]
+    return spec, (v[0] if spec.order == 2 else v)
+
+
+def weights_for(spec: Spec, q: Any, k: Any, request: Request, spec_options: Mapping[str, Any] | None = None, *,
+                key_padding_mask: Any = None, attn_mask: Any = None) -> torch.Tensor:
+    """``attention_weights`` for a resolved spec and a validated Request (the nn modules call this)."""
+    if request.backend not in ("auto", "exact"):
+        raise InputError(
+            f"the attention weights are computed by the exact backend, but backend={request.backend!r} was "
+            f"requested; {request.backend!r} never forms the weights (n x m numbers per head for pairwise). "
+            "Fix: backend='exact' (or 'auto') for this call, or return_info=True for the plan and its bounds"
+        )
+    request = dataclasses.replace(request, backend="exact")
+    spec_obj, v = _unit_values(spec, k)
+    ops = prepare(spec_obj, q, k, v, request, dict(spec_options or {}), key_padding_mask=key_padding_mask,
+                  attn_mask=attn_mask)
+    plan = plan_for(ops, request)
+    if ops.n == 0 or ops.q.shape[0] == 0:
+        w = ops.q.new_zeros(ops.q.shape[0], ops.n, *ops.ms)
+    else:
+        w = registered()["exact"].weights(plan, ops)
+    w = w.reshape(*ops.lead, ops.n, *ops.ms)
+    if ops.kind == "numpy":
+        return w.cpu().numpy().astype(ops.out_dtype, copy=False)
+    return w.to(ops.out_dtype)
+
+
+@with_call_signature()
+def attention_weights(q: Any, k: Any, *, spec: str | Spec = "pairwise", key_padding_mask: Any = None,
+                      attn_mask: Any = None, **options: Any):
+    """The attention weights ``softmax(score)`` over key tuples, ``(..., n, m_1, ..., m_{k-1})``.
+
+    Computed by the exact backend and returned dense: n * m^(k-1) numbers per batch row, unlike
+    ``attention``, which never forms them. Without gradient. Keywords as in ``attention``
+    (``backend`` must be ``"auto"`` or ``"exact"``); rows whose key tuples are all masked are 0.
+
+    >>> import torch, tensorattn as ta
+    >>> q = torch.randn(2, 5, 4)
+    >>> w = ta.attention_weights(q, q, key_padding_mask=torch.tensor([False, False, False, True, True]))
+    >>> w.shape, bool(torch.allclose(w.sum(-1), torch.ones(2, 5))), float(w[..., 3:].abs().max())
+    (torch.Size([2, 5, 5]), True, 0.0)
+    """
+    spec_obj = get_spec(spec)
+    request, spec_options = Request.from_call(spec_obj, **options)
+    return weights_for(spec_obj, q, k, request, spec_options, key_padding_mask=key_padding_mask,
+                       attn_mask=attn_mask)
 
 
 def grad_bound_for(info: AttentionInfo, d_out: Any, *, by_input: bool = False) -> float | dict[str, float] | None:
@@ -129,18 +197,14 @@ def grad_bound_for(info: AttentionInfo, d_out: Any, *, by_input: bool = False) -
 
 
 @with_call_signature()
-def check_bounds(q: Any, k: Any, v: Any = None, *, spec: str | Spec = "pairwise", **options: Any) -> Plan:
+def check_bounds(q: Any, k: Any, v: Any = None, *, spec: str | Spec = "pairwise", key_padding_mask: Any = None,
+                 attn_mask: Any = None, **options: Any) -> Plan:
     """The bound check on real inputs: B, tau_k(n), beta, the degree and rank that poly needs for
     ``tol``, flops of exact vs poly, and the verdict (``plan.passed``). Returns the Plan that
     ``backend="auto"`` would run; keywords are as in ``attention``."""
     spec_obj = get_spec(spec)
     request, spec_options = Request.from_call(spec_obj, **options)
-    if v is None:
-        # the check needs no values: plan with unit values under the default value einsum
-        spec_obj = Spec(spec_obj.name, spec_obj.score, positional=spec_obj.positional, options=spec_obj.options,
-                        coefficients=spec_obj.coefficients, block_sizes=spec_obj.block_sizes)
-        keys = list(k) if spec_obj.order > 2 else [k]
-        v = [torch.ones(*tuple(np.shape(x))[: np.ndim(x) - len(f)], 1)
-             for x, f in zip(keys, spec_obj.slots.features[1:])]
-        v = v[0] if spec_obj.order == 2 else v
-    return plan_for(prepare(spec_obj, q, k, v, request, spec_options), request)
+    if v is None:  # the check needs no values: plan with unit values under the default value einsum
+        spec_obj, v = _unit_values(spec_obj, k)
+    return plan_for(prepare(spec_obj, q, k, v, request, spec_options, key_padding_mask=key_padding_mask,
+                            attn_mask=attn_mask), request)

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import positional
+from . import masks, positional
 from .errors import InputError
 from .request import Request, default_scale
 from .spec import Spec
@@ -46,6 +46,11 @@ class Operands:
     kind: str = "torch"
     out_dtype: Any = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    #: per key slot, the key mask as an additive bias (Z, m_s) in the compute dtype (0 keeps a key,
+    #: -inf drops it, other values of a float mask bias it), or None; () when no key is masked
+    key_bias: tuple[torch.Tensor | None, ...] = ()
+    #: a general mask (one bias per query and key tuple), read per tile by the exact backend
+    attn_mask: masks.AttnMask | None = None
 
     @property
     def order(self) -> int:
@@ -75,6 +80,19 @@ class Operands:
     def tracks_grad(self) -> bool:
         """True when autograd records this call (grad mode on and an input requires grad)."""
         return torch.is_grad_enabled() and any(t.requires_grad for t in self.tensors)
+
+    @property
+    def key_mask(self) -> str | None:
+        """None (no key mask), "binary" (every bias 0 or -inf: key weights 0/1) or "additive"."""
+        biases = [b for b in self.key_bias if b is not None]
+        if not biases:
+            return None
+        return "binary" if all(masks.is_binary(b) for b in biases) else "additive"
+
+    def visible_rows(self) -> torch.Tensor | None:
+        """(Z, n) bool, True where a query sees an unmasked key tuple; None without a key mask."""
+        return masks.visible_rows(self.key_bias, self.n, self.causal, self.q_positions(),
+                                  [self.k_positions(s) for s in range(len(self.ms))])
 
     def q_positions(self) -> torch.Tensor:
         return torch.arange(self.n, device=self.q.device) + self.q_offset
@@ -263,14 +281,62 @@ def _check_positions(n: int, ms: tuple[int, ...], causal: bool, q_offset: int | 
         )
 
 
+def _prepare_masks(key_padding_mask, attn_mask, request: Request, lead: tuple[int, ...], n: int,
+                   ms: tuple[int, ...], dtype: torch.dtype, device: torch.device):
+    """Key biases per slot, the general mask (or None), and whether the call is causal.
+
+    A general mask that broadcasts over queries is a key mask (poly serves it); one that equals
+    the causal mask runs as ``causal=True``; with ``request.causal`` the mask must be the causal
+    mask (torch's ``is_causal`` hint), and is checked to be."""
+    nk = len(ms)
+    biases: list[torch.Tensor | None] = [None] * nk
+
+    def add(slot: int, bias: torch.Tensor) -> None:
+        biases[slot] = bias if biases[slot] is None else biases[slot] + bias
+
+    if key_padding_mask is not None:
+        per_slot = nk > 1 and isinstance(key_padding_mask, (list, tuple)) and len(key_padding_mask) == nk and all(
+            p is None or isinstance(p, (torch.Tensor, np.ndarray)) for p in key_padding_mask)
+        for slot in range(nk):
+            x = key_padding_mask[slot] if per_slot else key_padding_mask
+            if x is not None:
+                name = f"key_padding_mask[{slot}]" if per_slot else "key_padding_mask"
+                add(slot, masks.key_bias(x, name, lead, ms[slot], dtype, device))
+    causal, general = request.causal, None
+    if attn_mask is not None:
+        mask = masks.attn_mask(attn_mask, "attn_mask", lead, n, ms, device)
+        L = len(lead)
+        offset = request.q_offset or 0
+        if request.causal:
+            is_causal, where = masks.scan(mask, n, ms, offset, "attn_mask")
+            if not is_causal:
+                raise InputError(
+                    f"causal=True (is_causal=True) declares attn_mask to be the causal mask (key j visible to "
+                    f"query i iff j <= i{f' + {offset}' if offset else ''}), but it is not: {where}. Fix: pass "
+                    "causal=False (is_causal=False) to apply attn_mask as given, or drop attn_mask"
+                )
+        elif (nk == 1 or not mask.joint) and all(p.shape[L] == 1 for p in mask.parts):
+            masks.scan(mask, n, ms, None, "attn_mask")
+            for slot, part in enumerate(mask.parts):  # one row for every query: a key mask
+                row = part.select(L, 0)
+                add(slot, masks.key_bias(row.expand(*row.shape[:-1], ms[slot]), "attn_mask", lead, ms[slot],
+                                         dtype, device))
+        else:
+            is_causal, _ = masks.scan(mask, n, ms, offset, "attn_mask")
+            causal, general = (True, None) if is_causal else (False, mask)
+    key_bias = tuple(biases) if any(b is not None for b in biases) else ()
+    return key_bias, general, causal
+
+
 def prepare(spec: Spec, q, k, v, request: Request, spec_options: dict[str, Any] | None = None, *,
-            k_offsets: tuple[int, ...] = ()) -> Operands:
+            k_offsets: tuple[int, ...] = (), key_padding_mask: Any = None, attn_mask: Any = None) -> Operands:
     """Validate and convert user arrays for ``spec`` under ``request``; apply RoPE rotations.
 
     ``spec_options`` are the spec's own options (``rope_base``, ``rel`` ...; defaults from the
     spec). ``k_offsets`` are the global positions of each key slot's first token (a
     sequence-parallel shard's start); they move key positions for rotations and causal masks the
-    way ``request.q_offset`` moves queries."""
+    way ``request.q_offset`` moves queries. ``key_padding_mask`` and ``attn_mask`` follow
+    ``torch.nn.MultiheadAttention``'s conventions (``tensorattn.masks``)."""
     options = positional.check_options(spec.positional, {**spec.options, **(spec_options or {})})
     nk = spec.order - 1
     ks = _as_list(k, "k", nk, spec)
@@ -307,6 +373,8 @@ def prepare(spec: Spec, q, k, v, request: Request, spec_options: dict[str, Any] 
     scale = default_scale(D) if request.scale is None else request.scale
     compute = torch.float64 if any(t.dtype == torch.float64 for t in [qt, *kts, *vts]) else torch.float32
     Z = math.prod(lead)
+    key_bias, general_mask, causal = _prepare_masks(key_padding_mask, attn_mask, request, lead, n, ms, compute,
+                                                    device)
 
     def flat(t: torch.Tensor) -> torch.Tensor:
         return t.reshape(Z, *t.shape[len(lead):]).to(compute)
@@ -327,7 +395,7 @@ def prepare(spec: Spec, q, k, v, request: Request, spec_options: dict[str, Any] 
         rel = Wt.to(device=device, dtype=compute)
     return Operands(
         spec=spec, q=qf, keys=tuple(kfs), values=tuple(vfs), lead=lead, n=n, ms=ms, sizes=sizes,
-        value_sizes=value_sizes, scale=float(scale), causal=request.causal, q_offset=q_offset,
+        value_sizes=value_sizes, scale=float(scale), causal=causal, q_offset=q_offset,
         k_offsets=k_offsets, rel=rel, alibi_slope=float(options.get("alibi_slope") or 0.0),
-        kind=kind, out_dtype=out_dtype, device=device,
+        kind=kind, out_dtype=out_dtype, device=device, key_bias=key_bias, attn_mask=general_mask,
     )

@@ -47,6 +47,9 @@ class Backend:
     name = "base"
     #: True when the backend's result carries a certified error bound
     certified = False
+    #: True when ``run`` applies ``ops.key_bias`` / ``ops.attn_mask``; a backend that leaves it
+    #: False is never given a masked problem (``serving``), so it cannot ignore a mask silently
+    applies_masks = False
 
     def serves(self, spec: "Spec", problem: "Problem | None") -> "bool | Refusal":
         return True
@@ -98,7 +101,14 @@ def get_backend(name: str) -> Backend:
         ) from None
 
 
+def serving(impl: Backend, spec: "Spec", problem: "Problem | None") -> "bool | Refusal":
+    """``impl.serves(spec, problem)``, refusing masked problems for backends that do not apply masks."""
+    if problem is not None and (problem.key_mask or problem.attn_mask) and not impl.applies_masks:
+        return Refusal(f"backend {impl.name!r} does not apply key padding or attention masks")
+    return impl.serves(spec, problem)
+
+
 def backends_serving(spec: "Spec", problem: "Problem", registry: dict[str, Backend] | None = None) -> list[str]:
     """Names of the registered backends that serve ``spec`` on ``problem`` (for error messages)."""
     registry = registered() if registry is None else registry
-    return [name for name, impl in registry.items() if impl.serves(spec, problem)]
+    return [name for name, impl in registry.items() if serving(impl, spec, problem)]

@@ -151,6 +151,9 @@ class Problem:
     the compute dtype of the inputs ("float32" or "float64"). For spec ``relative``, ``relative``
     is the support of W and ``alibi_slope`` its decay. For an attention polynomial ``terms`` holds
     each term's statistics; ``beta`` is then the radius of the whole score (the sum of the terms').
+    ``key_mask`` is None, ``"binary"`` (key
+    weights 0 or 1) or ``"additive"`` (a float key bias); ``attn_mask`` says a general (per query)
+    mask is present. Backends that cannot apply a mask refuse the problem in ``serves``.
     """
 
     spec: Spec
@@ -174,6 +177,8 @@ class Problem:
     terms: tuple[TermStats, ...] = ()
     #: the shape of each key slot's value per token (value_dims flattens them)
     value_shapes: tuple[tuple[int, ...], ...] = ()
+    key_mask: str | None = None
+    attn_mask: bool = False
 
     @property
     def order(self) -> int:

@@ -64,13 +64,18 @@ def reference_attention(
     rope_layout: str = "interleaved",
     rel: Any = None,
     alibi_slope: float | None = None,
+    key_padding_mask: Any = None,
+    attn_mask: Any = None,
 ) -> np.ndarray:
     """Brute-force float64 attention: materialize every score, softmax jointly over key tuples.
 
     For an attention polynomial the score is the sum of its terms (each term's einsum broadcast
     over the slots it does not name, times its coefficient), all times ``scale``. Causal: for a
     tree every child's position is at most its parent's; otherwise every key's is at most the
-    query's."""
+    query's.
+
+    Masks as in ``ta.attention`` (bool True = masked, float = added); per-slot masks are sequences.
+    A query with every key tuple masked gets 0."""
     spec = get_spec(spec)
     lay, ve = spec.slots, spec.value_einsum
     nk = spec.order - 1
@@ -122,12 +127,40 @@ def reference_attention(
                 shape[child], shape[parent] = ok.shape
             mask = mask & ok.reshape(shape)
         s = np.where(mask, s, -np.inf)
+    s = s + _mask_bias(key_padding_mask, attn_mask, nk)
     axes = tuple(range(s.ndim - nk, s.ndim))
-    s = s - s.max(axis=axes, keepdims=True)
-    p = np.exp(s)
-    p = p / p.sum(axis=axes, keepdims=True)
+    top = s.max(axis=axes, keepdims=True)
+    p = np.exp(s - np.where(np.isfinite(top), top, 0.0))
+    total = p.sum(axis=axes, keepdims=True)
+    p = p / np.where(total > 0, total, 1.0)
     vexpr = ell + "".join(lay.tokens) + "," + ",".join(ell + op for op in ve.operands) + "->" + ell + ve.output
     return np.einsum(vexpr, p, *vs)
+
+
+def _as_bias(mask: Any) -> np.ndarray:
+    m = np.asarray(mask.detach().cpu() if hasattr(mask, "detach") else mask)
+    return np.where(m, -np.inf, 0.0) if m.dtype == bool else m.astype(np.float64)
+
+
+def _mask_bias(key_padding_mask: Any, attn_mask: Any, nk: int) -> np.ndarray | float:
+    """The additive bias of the masks, broadcastable to the scores (..., n, m_1, ..., m_nk)."""
+    bias: Any = 0.0
+    per_slot = lambda x: nk > 1 and isinstance(x, (list, tuple))  # noqa: E731
+    if key_padding_mask is not None:
+        for slot in range(nk):
+            x = key_padding_mask[slot] if per_slot(key_padding_mask) else key_padding_mask
+            if x is None:
+                continue
+            b = _as_bias(x)
+            bias = bias + b.reshape(b.shape[:-1] + (1,) + tuple(b.shape[-1] if t == slot else 1 for t in range(nk)))
+    if attn_mask is not None:
+        if per_slot(attn_mask):
+            for slot, x in enumerate(attn_mask):
+                b = _as_bias(x)
+                bias = bias + b.reshape(b.shape[:-1] + tuple(b.shape[-1] if t == slot else 1 for t in range(nk)))
+        else:
+            bias = bias + _as_bias(attn_mask)
+    return bias
 
 
 def random_inputs(

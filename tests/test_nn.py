@@ -183,12 +183,16 @@ def test_multihead_validates_at_construction(args, kwargs, error, words):
 def test_multihead_forward_errors():
     mha = ta.nn.MultiheadTensorAttention(8, 2, "triple", backend="exact")
     x = _x(2, 5, 8)
-    with pytest.raises(ta.InputError, match="attn_mask are not supported"):
-        mha(x, attn_mask=torch.zeros(5, 5))
-    with pytest.raises(ta.InputError, match="key_padding_mask"):
-        mha(x, key_padding_mask=torch.zeros(2, 5, dtype=torch.bool))
-    with pytest.raises(ta.InputError, match="need_weights=True"):
-        mha(x, need_weights=True)
+    with pytest.raises(ta.InputError, match=r"layouts are \(L, S\) and \(batch \* num_heads, L, S\)"):
+        mha(x, attn_mask=torch.zeros(5))
+    with pytest.raises(ta.InputError, match=r"a 3-D mask must be \(batch \* num_heads, L, S\) = \(4, L, S\)"):
+        mha(x, attn_mask=torch.zeros(3, 5, 5))
+    with pytest.raises(ta.InputError, match=r"key_padding_mask has shape \(5,\); .* \(batch, keys\)"):
+        mha(x, key_padding_mask=torch.zeros(5, dtype=torch.bool))
+    with pytest.raises(ta.InputError, match="key_padding_mask is a sequence of 3 masks"):
+        mha(x, key_padding_mask=[torch.zeros(2, 5, dtype=torch.bool)] * 3)
+    with pytest.raises(ta.InputError, match="need_weights=True: backend='poly' never forms the attention weights"):
+        ta.nn.MultiheadTensorAttention(8, 2, backend="poly")(x, need_weights=True)
     with pytest.raises(ta.InputError, match="sequence of 3 tensors but spec 'triple' has 2"):
         mha(x, (x, x, x))
     with pytest.raises(ta.InputError, match=r"expected 3 dims \(batch, seq, features\)"):

@@ -24,6 +24,7 @@ import torch
 from ..approx.features import feature_map, query_weights, rank_for
 from ..errors import InputError
 from ..inputs import Operands
+from ..masks import factorized_refusal
 from ..registry import Backend, Refusal
 from .poly import FactorizedAttention, expand_operand
 
@@ -111,9 +112,12 @@ class FavorBackend(Backend):
     default 256) and ``seed`` (the random features are a deterministic function of it)."""
 
     name = "favor"
+    applies_masks = True  # through the factorized engine; serves() refuses what it cannot apply
 
     def serves(self, spec, problem) -> bool | Refusal:
         refusal = _order2_refusal(spec)
+        if refusal is None:  # a Refusal is falsy, so no `or` here
+            refusal = factorized_refusal(problem)
         return True if refusal is None else refusal
 
     def run(self, plan, ops: Operands) -> torch.Tensor:
@@ -168,11 +172,13 @@ class Taylor2Backend(Backend):
     symmetric features of rank C(D+2, 2); the same function as [1, x, x (x) x / sqrt 2]."""
 
     name = "taylor2"
+    applies_masks = True  # through the factorized engine; serves() refuses what it cannot apply
 
     def serves(self, spec, problem) -> bool | Refusal:
         if not spec.separable:
             return Refusal("its score depends on i - j through W, so it has no per-token feature map")
-        return True
+        refusal = factorized_refusal(problem)
+        return True if refusal is None else refusal
 
     def run(self, plan, ops: Operands) -> torch.Tensor:
         dtype = ops.dtype

@@ -80,8 +80,9 @@ class TileEngine:
                 continue
             yield tuple((j0, min(j0 + b, m)) for j0, b, m in zip(starts, self.key_block, self.ops.ms))
 
-    def scores(self, q: torch.Tensor, ks: list[torch.Tensor], rel, i0: int, spans) -> torch.Tensor:
-        """Masked score tile (Z', bq, b_1, ..., b_{k-1}); masked entries are -inf."""
+    def scores(self, q: torch.Tensor, ks: list[torch.Tensor], rel, i0: int, spans, z0: int = 0) -> torch.Tensor:
+        """Masked score tile (Z', bq, b_1, ..., b_{k-1}) of batch rows z0.. and queries i0..; masked
+        entries are -inf, a float mask's other values are added."""
         if self.relative:
             qp = self.q_pos[i0: i0 + q.shape[1]]
             kp = self.k_pos[0][spans[0][0]: spans[0][1]]
@@ -105,6 +106,20 @@ class TileEngine:
                 ok = ok.reshape(shape)
                 mask = ok if mask is None else mask & ok
             s = s.masked_fill(~mask, float("-inf"))
+        return self.apply_masks(s, z0, i0, spans)
+
+    def apply_masks(self, s: torch.Tensor, z0: int, i0: int, spans) -> torch.Tensor:
+        """Add the key biases of each slot and the general mask's tile to a score tile."""
+        ops, nk = self.ops, self.order - 1
+        z1 = z0 + s.shape[0]
+        for slot, bias in enumerate(ops.key_bias):
+            if bias is not None:
+                shape = [s.shape[0], 1] + [1] * nk
+                shape[2 + slot] = spans[slot][1] - spans[slot][0]
+                s = s + bias[z0:z1, spans[slot][0]: spans[slot][1]].reshape(shape).to(s.dtype)
+        if ops.attn_mask is not None:
+            tile = ops.attn_mask.tile(z0, z1, i0, i0 + s.shape[1], spans, s.dtype)
+            s = s.masked_fill(tile, float("-inf")) if tile.dtype == torch.bool else s + tile
         return s
 
     def _polynomial_scores(self, tiles: list[torch.Tensor]) -> torch.Tensor:
@@ -148,7 +163,7 @@ def stream_forward(engine: TileEngine, q, keys, values, rel) -> tuple[torch.Tens
         for spans in engine.blocks(i0, i1):
             ks = [keys[s][z0:z1, a:b] for s, (a, b) in enumerate(spans)]
             vs = [values[s][z0:z1, a:b] for s, (a, b) in enumerate(spans)]
-            s = engine.scores(qc, ks, rel, i0, spans)
+            s = engine.scores(qc, ks, rel, i0, spans, z0)
             flat = s.reshape(s.shape[0], s.shape[1], -1)
             m_new = torch.maximum(m_run, flat.amax(-1))
             m_safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
@@ -157,7 +172,9 @@ def stream_forward(engine: TileEngine, q, keys, values, rel) -> tuple[torch.Tens
             l_run = l_run * alpha + p.reshape(flat.shape).sum(-1)
             acc = acc * alpha.reshape(*alpha.shape, *extra) + engine.values(p, vs)
             m_run = m_new
-        out[z0:z1, i0:i1] = acc / l_run.reshape(*l_run.shape, *extra)
+        # a row with no visible key tuple (all masked) has l = 0 and acc = 0: output 0, lse -inf
+        l_safe = torch.where(l_run > 0, l_run, torch.ones_like(l_run))
+        out[z0:z1, i0:i1] = acc / l_safe.reshape(*l_run.shape, *extra)
         lse[z0:z1, i0:i1] = m_run + torch.log(l_run)
     return out, lse
 
@@ -171,6 +188,7 @@ def stream_backward(engine: TileEngine, q, keys, values, rel, d_out, lse, delta,
     Z = q.shape[0]
     for z0, z1, i0, i1 in _slices(engine, Z):
         L = lse[z0:z1, i0:i1].reshape(z1 - z0, i1 - i0, *([1] * nk))
+        L = torch.where(torch.isinf(L), torch.zeros_like(L), L)  # rows that see no key: p = 0
         Dd = delta[z0:z1, i0:i1].reshape(L.shape)
         dO = d_out[z0:z1, i0:i1]
         for spans in engine.blocks(i0, i1):
@@ -179,7 +197,7 @@ def stream_backward(engine: TileEngine, q, keys, values, rel, d_out, lse, delta,
                 ks = [keys[s][z0:z1, a:b].detach().requires_grad_(True) for s, (a, b) in enumerate(spans)]
                 vs = [values[s][z0:z1, a:b].detach().requires_grad_(True) for s, (a, b) in enumerate(spans)]
                 rl = rel.detach().requires_grad_(True) if rel is not None else None
-                s = engine.scores(qc, ks, rl, i0, spans)
+                s = engine.scores(qc, ks, rl, i0, spans, z0)
                 p = torch.exp(s - L)
                 objective = (engine.values(p, vs) * dO).sum() - (p * Dd).sum()
                 inputs = [qc, *ks, *vs] + ([rl] if rl is not None else [])
@@ -223,6 +241,26 @@ class ExactAttentionFunction(torch.autograd.Function):
         return (None, None, dq, *dks, *dvs, *([drel] if rel is not None else []))
 
 
+
+
+
+def dense_weights(engine: TileEngine, q, keys, values, rel) -> torch.Tensor:
+    """The attention weights (Z, n, m_1, ..., m_{k-1}): one streamed pass for the per-row
+    log-sum-exp, then each tile's exp(s - L). Holds n * prod(m) numbers, unlike the forward."""
+    ops = engine.ops
+    _, lse = stream_forward(engine, q, keys, values, rel)
+    weights = q.new_zeros(q.shape[0], ops.n, *ops.ms)
+    nk = engine.order - 1
+    for z0, z1, i0, i1 in _slices(engine, q.shape[0]):
+        L = lse[z0:z1, i0:i1].reshape(z1 - z0, i1 - i0, *([1] * nk))
+        L = torch.where(torch.isinf(L), torch.zeros_like(L), L)
+        for spans in engine.blocks(i0, i1):
+            ks = [keys[s][z0:z1, a:b] for s, (a, b) in enumerate(spans)]
+            tile = torch.exp(engine.scores(q[z0:z1, i0:i1], ks, rel, i0, spans, z0) - L)
+            weights[(slice(z0, z1), slice(i0, i1), *(slice(a, b) for a, b in spans))] = tile
+    return weights
+
+
 _FOLDED = Spec("relative_folded", "id,jd->ij")
 
 
@@ -231,14 +269,21 @@ class ExactBackend(Backend):
 
     name = "exact"
     certified = True
+    applies_masks = True
+
+    def weights(self, plan, ops: Operands) -> torch.Tensor:
+        """The dense attention weights (Z, n, m_1, ..., m_{k-1}), without gradient."""
+        with torch.no_grad():
+            return dense_weights(TileEngine(ops, plan.request.memory_budget), ops.q, list(ops.keys),
+                                 list(ops.values), ops.rel)
 
     def run(self, plan, ops: Operands) -> torch.Tensor:
         if plan.rel_folded:  # the same W at every offset: pairwise attention on q W
             ops = dataclasses.replace(ops, spec=_FOLDED, q=ops.q @ ops.rel[0], rel=None)
         path = ops.spec.exact_path
-        if path == "tree":
+        if path == "tree" and ops.attn_mask is None:  # key masks enter the messages as key biases
             return tree_exact(ops, plan.request.memory_budget)
-        if path == "triangle":
+        if path == "triangle" and ops.attn_mask is None and not ops.key_bias:
             return triangle_exact(ops, plan.request.memory_budget)
         engine = TileEngine(ops, plan.request.memory_budget)
         nk = ops.order - 1

@@ -29,6 +29,7 @@ import torch
 from ..approx.features import augment, feature_map, query_weights
 from ..approx.polynomials import get_approximant
 from ..inputs import Operands, expand_operand, term_operands
+from ..masks import factorized_refusal
 from ..planning.network import poly_methods
 from ..registry import Backend, Refusal
 from .exact import contract
@@ -45,6 +46,9 @@ class FactorizedAttention:
 
     ``xs`` are the expanded operands (query first, (Z, N, D) each), ``values`` the flattened values
     (Z, m, e_m), ``query_features`` / ``key_features`` map (Z, c, D) chunks to (Z, c, r).
+    ``key_weights`` (Z, m) per slot (or None) multiply each key's features: 0 drops a masked key
+    from numerator and normalizer alike; ``visible`` (Z, n) marks the queries that see an unmasked
+    key tuple, the others get the output 0 (docs/design.md#masks).
     """
 
     ops: Operands
@@ -57,6 +61,10 @@ class FactorizedAttention:
     budget_elems: int
     #: per-feature query weights folded into the combined statistics (r,), or None
     query_weights: torch.Tensor | None = None
+    #: per key slot, the key mask as weights 0/1 (Z, m), or None
+    key_weights: list[torch.Tensor | None] | None = None
+    #: (Z, n) bool: queries that see at least one unmasked key tuple; None when all do
+    visible: torch.Tensor | None = None
 
     @classmethod
     def from_ops(cls, ops: Operands, query_features: FeatureFn, key_features: FeatureFn, rank: int,
@@ -68,7 +76,9 @@ class FactorizedAttention:
         values = [v.to(dtype).reshape(Z, v.shape[1], -1) for v in ops.values]
         shapes = [tuple(v.shape[2:]) for v in ops.values]
         budget = int(budget_bytes) // (torch.finfo(dtype).bits // 8)
-        return cls(ops, xs, values, shapes, query_features, key_features, rank, budget, query_weights)
+        weights = [None if b is None else torch.exp(b).to(dtype) for b in ops.key_bias] or None
+        return cls(ops, xs, values, shapes, query_features, key_features, rank, budget, query_weights,
+                   key_weights=weights, visible=ops.visible_rows() if weights else None)
 
     @property
     def combine_expr(self) -> str:
@@ -76,18 +86,32 @@ class FactorizedAttention:
         r = next(c for c in string.ascii_letters if c not in ve.expr)
         return ",".join("..." + r + letters for letters in ve.value_letters) + "->..." + r + ve.out_letters
 
+    def key_weight(self, slot: int) -> torch.Tensor | None:
+        """The key mask of one slot as weights (Z, m), or None."""
+        return self.key_weights[slot] if self.key_weights else None
+
+    def masked_features(self, x: torch.Tensor, weight: torch.Tensor | None, j0: int, j1: int) -> torch.Tensor:
+        """Key features of tokens j0:j1, times their key-mask weight (0 removes a masked key)."""
+        U = self.key_features(x[:, j0:j1])
+        return U if weight is None else U * weight[:, j0:j1, None]
+
     def key_state(self, slot: int, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """U_m^T [v_m | 1] over keys [start, stop) of one slot: (Z, r, e_m + 1)."""
-        return self._state(self.xs[1 + slot], self.values[slot], start, stop)
+        return self._state(self.xs[1 + slot], self.values[slot], start, stop, self.key_weight(slot))
 
     def key_states(self) -> list[torch.Tensor]:
         """Every slot's full state; slots of equal shape share one batched feature map and GEMM."""
         keys, values = self.xs[1:], self.values
         if len(keys) > 1 and len({x.shape for x in keys}) == 1 and len({v.shape for v in values}) == 1:
-            return list(self._state(torch.cat(keys), torch.cat(values), 0, None).split(keys[0].shape[0]))
+            weights = None
+            if self.key_weights and any(w is not None for w in self.key_weights):
+                weights = torch.cat([w if w is not None else x.new_ones(x.shape[:2])
+                                     for w, x in zip(self.key_weights, keys)])
+            return list(self._state(torch.cat(keys), torch.cat(values), 0, None, weights).split(keys[0].shape[0]))
         return [self.key_state(s) for s in range(len(values))]
 
-    def _state(self, x: torch.Tensor, v: torch.Tensor, start: int, stop: int | None) -> torch.Tensor:
+    def _state(self, x: torch.Tensor, v: torch.Tensor, start: int, stop: int | None,
+               weight: torch.Tensor | None = None) -> torch.Tensor:
         stop = x.shape[1] if stop is None else stop
         Z = x.shape[0]
         chunk = max(1, self.budget_elems // (Z * self.rank * 2))
@@ -95,8 +119,17 @@ class FactorizedAttention:
         for j0 in range(start, stop, chunk):
             j1 = min(stop, j0 + chunk)
             # ([v|1]^T U)^T: with U a tokens-last buffer this GEMM runs ~2.5x faster than U^T [v|1]
-            state = state + (augment(v[:, j0:j1]).transpose(1, 2) @ self.key_features(x[:, j0:j1])).transpose(1, 2)
+            U = self.masked_features(x, weight, j0, j1)
+            state = state + (augment(v[:, j0:j1]).transpose(1, 2) @ U).transpose(1, 2)
         return state
+
+    def normalize(self, res: torch.Tensor, i0: int, i1: int) -> torch.Tensor:
+        """res[..., :-1] / res[..., -1:] for queries i0:i1; a query that sees no unmasked key tuple
+        (normalizer 0) gets 0, with a zero gradient."""
+        if self.visible is None:
+            return res[..., :-1] / res[..., -1:]
+        seen = self.visible[:, i0:i1, None]
+        return torch.where(seen, res[..., :-1] / torch.where(seen, res[..., -1:], 1.0), 0.0)
 
     def combine(self, states: list[torch.Tensor]) -> torch.Tensor:
         """Value einsum on the numerators (entrywise in r), product of normalizers, times the query
@@ -121,7 +154,7 @@ class FactorizedAttention:
         for i0 in range(0, xq.shape[1], chunk):
             # (E+1, r) @ (r, c): the feature buffer is tokens-last, so this GEMM reads it contiguously
             res = (ct @ self.query_features(xq[:, i0: i0 + chunk]).transpose(1, 2)).transpose(1, 2)
-            outs.append(res[..., :-1] / res[..., -1:])
+            outs.append(self.normalize(res, i0, i0 + res.shape[1]))
         return torch.cat(outs, dim=1)
 
     def full(self) -> torch.Tensor:
@@ -158,7 +191,7 @@ class FactorizedAttention:
                 kend = max(0, min(i1 + o, x.shape[1]))
                 a = kcur[s]
                 if kend > a:
-                    U = self.key_features(x[:, a:kend])  # (Z, L, r)
+                    U = self.masked_features(x, self.key_weight(s), a, kend)  # (Z, L, r)
                     outer = U[..., :, None] * augment(v[:, a:kend])[..., None, :]
                     prefix = torch.cumsum(outer, dim=1) + states[s][:, None]
                     full = torch.cat([states[s][:, None], prefix], dim=1)  # (Z, L+1, r, e+1)
@@ -172,7 +205,7 @@ class FactorizedAttention:
             combined = self.combine(per_query)  # (Z, bq, r, E+1)
             Uq = self.query_features(xs[0][:, i0:i1])
             res = torch.einsum("zir,zirc->zic", Uq, combined)
-            outs.append(res[..., :-1] / res[..., -1:])
+            outs.append(self.normalize(res, i0, i1))
         return torch.cat(outs, dim=1)
 
     def run(self) -> torch.Tensor:
@@ -251,8 +284,14 @@ class PolyBackend(Backend):
 
     name = "poly"
     certified = True
+    applies_masks = True
 
     def serves(self, spec, problem) -> bool | Refusal:
+        refusal = factorized_refusal(problem)
+        if refusal is not None:
+            return refusal
+        if spec.is_polynomial and problem is not None and problem.key_mask:
+            return Refusal(f"key masks with the attention polynomial {spec.name!r} run on backend='exact'")
         if spec.is_polynomial and problem is not None and problem.causal and not poly_methods(spec, True):
             return Refusal(
                 f"causal masking of the attention polynomial {spec.name!r} ({spec.structure.kind}) has a fast "

@@ -144,6 +144,8 @@ def relative_attention(plan, ops: Operands) -> torch.Tensor:
     N, F = rel.fft_len, rel.fft_len // 2 + 1
     q, k = ops.q.to(_F64), ops.keys[0].to(_F64)
     v1 = augment(ops.values[0].to(_F64).reshape(Z, m, -1))
+    if ops.key_bias:  # key mask: weight 0 drops a key from numerator and normalizer
+        v1 = v1 * torch.exp(ops.key_bias[0].to(_F64))[..., None]
     c = v1.shape[-1]
     L = n + m - 1
     W = ops.rel.to(_F64)[ops.q_offset: ops.q_offset + L]  # kk = i - j + m - 1 reads W[q_offset + kk]
@@ -189,7 +191,12 @@ def relative_attention(plan, ops: Operands) -> torch.Tensor:
                     acc[:, :, rows] = (Ht @ Ut).reshape(z1 - z0, F, -1, c)  # per frequency: H^(f) u^(f)
             conv = torch.fft.irfft(acc, n=N, dim=1)[:, m - 1: m - 1 + n]  # (z, n, n_alpha, c)
             out[z0:z1] = out[z0:z1] + (xq[z0:z1, :, block, None] * conv).sum(2)
-    res = out[..., :-1] / out[..., -1:]
+    visible = ops.visible_rows()
+    if visible is None:
+        res = out[..., :-1] / out[..., -1:]
+    else:  # a query that sees no unmasked key gets 0 (its normalizer is FFT roundoff, not 0)
+        seen = visible[..., None]
+        res = torch.where(seen, out[..., :-1] / torch.where(seen, out[..., -1:], 1.0), 0.0)
     return res.reshape(Z, n, *ops.out_value_shape).to(ops.dtype)
 
 

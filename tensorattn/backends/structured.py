@@ -227,9 +227,14 @@ def tree_exact(ops: Operands, budget_bytes: int) -> torch.Tensor:
     Z = ops.q.shape[0]
     values = [None] + [v.reshape(Z, v.shape[1], -1) for v in ops.values]
 
+    key_bias = ops.key_bias or (None,) * (ops.order - 1)
+
     def message(c: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(value message (Z, N_parent, e), lse (Z, N_parent)) of slot c's subtree."""
         w, bias = values[c], form.bias[c]
+        if key_bias[c - 1] is not None:  # a key mask: 0 keeps a key, -inf drops it
+            kb = key_bias[c - 1].to(ops.q.dtype)
+            bias = kb if bias is None else bias + kb
         for g in (s for s, p in enumerate(parent) if p == c):
             mv, ml = message(g)
             w = w * mv

@@ -16,7 +16,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .. import positional
-from ..api import AttentionInfo, attend
+from ..api import attend, weights_for
 from ..checks import check_number
 from ..errors import InputError, SpecError
 from ..registry import get_backend
@@ -78,13 +78,17 @@ class _SpecModule(nn.Module):
     scale = _request_field("scale")
     on_unbounded = _request_field("on_unbounded")
 
-    def _attend(self, q, k, v, causal: bool | None, return_info: bool, call_options: dict):
+    def _call_request(self, causal: bool | None, call_options: dict) -> tuple[Request, dict]:
         request, options = self.request.with_causal(causal), self.spec_options
         if call_options:  # per-call request knobs or spec options override the module's
             request, options = Request.from_call(
                 self.spec, **{f: getattr(request, f) for f in Request.names()}, **self.spec_options, **call_options
             )
-        return _attend_eager(self.spec, q, k, v, request, options, return_info)
+        return request, options
+
+    def _attend(self, q, k, v, causal: bool | None, return_info: bool, call_options: dict, masks: dict):
+        request, options = self._call_request(causal, call_options)
+        return _attend_eager(self.spec, q, k, v, request, options, return_info, masks)
 
     def _spec_repr(self) -> str:
         name = self.spec.name if get_spec_or_none(self.spec.name) == self.spec else repr(self.spec)
@@ -113,10 +117,15 @@ _DEFAULT_REQUEST = Request()
 
 
 @torch.compiler.disable
-def _attend_eager(spec, q, k, v, request, spec_options, return_info):
+def _attend_eager(spec, q, k, v, request, spec_options, return_info, masks):
     """attend() outside any torch.compile graph: the plan reads data (norms -> beta -> degree)
     and runs numpy, so tracing it would only add graph breaks; the projections around it compile."""
-    return attend(spec, q, k, v, request, spec_options, return_info=return_info)
+    return attend(spec, q, k, v, request, spec_options, return_info=return_info, **masks)
+
+
+@torch.compiler.disable
+def _weights_eager(spec, q, k, request, spec_options, masks):
+    return weights_for(spec, q, k, request, spec_options, **masks)
 
 
 def get_spec_or_none(name: str) -> Spec | None:
@@ -129,9 +138,10 @@ def get_spec_or_none(name: str) -> Spec | None:
 class TensorAttention(_SpecModule):
     """``ta.attention`` as a module, with no parameters: the spec and options are fixed here.
 
-    ``forward(q, k, v, *, causal=None, return_info=False, **spec_options)`` takes arrays laid out as
-    in ``ta.attention`` (``(..., n, d)``; sequences of arrays for the keys and values of order > 2)
-    and returns the output, or ``(output, info)`` with ``return_info=True``.
+    ``forward(q, k, v, *, causal=None, return_info=False, key_padding_mask=None, attn_mask=None,
+    **spec_options)`` takes arrays laid out as in ``ta.attention`` (``(..., n, d)``; sequences of
+    arrays for the keys and values of order > 2) and masks as there, and returns the output, or
+    ``(output, info)`` with ``return_info=True``.
 
     >>> import torch, tensorattn as ta
     >>> attn = ta.nn.TensorAttention(spec="triple", backend="exact")
@@ -145,8 +155,10 @@ class TensorAttention(_SpecModule):
         super().__init__()
         self._setup(spec, options)
 
-    def forward(self, q, k, v, *, causal: bool | None = None, return_info: bool = False, **spec_options):
-        return self._attend(q, k, v, causal, return_info, spec_options)
+    def forward(self, q, k, v, *, causal: bool | None = None, return_info: bool = False, key_padding_mask=None,
+                attn_mask=None, **spec_options):
+        masks = {"key_padding_mask": key_padding_mask, "attn_mask": attn_mask}
+        return self._attend(q, k, v, causal, return_info, spec_options, masks)
 
     def extra_repr(self) -> str:
         return self._spec_repr()
@@ -206,6 +218,14 @@ class MultiheadTensorAttention(_SpecModule):
     >>> out.shape
     torch.Size([2, 10, 32])
     """
+
+    # torch.nn.TransformerEncoder(Layer) read these before taking their fused fast path, which
+    # calls torch's own attention kernel; None / False send them down the regular path (to forward)
+    in_proj_weight = None
+    in_proj_bias = None
+    _qkv_same_embed_dim = False
+    #: a list while ``ta.nn.convert`` records the plans of a sample batch, else None
+    _recorded: list | None = None
 
     @with_call_signature()
     def __init__(
@@ -273,6 +293,61 @@ class MultiheadTensorAttention(_SpecModule):
         if self.out_proj.bias is not None:
             nn.init.zeros_(self.out_proj.bias)
 
+    @classmethod
+    def from_torch(cls, mha: nn.MultiheadAttention, spec: str | Spec = "pairwise", **options: Any
+                   ) -> "MultiheadTensorAttention":
+        """A copy of ``torch.nn.MultiheadAttention`` ``mha``: the same sizes, layout
+        (``batch_first``), biases, device and dtype, and its weights, from the packed
+        ``in_proj_weight`` or the separate ``q/k/v_proj_weight`` (``kdim``/``vdim`` layouts).
+
+        ``options`` are this class's settings (``backend``, ``tol``, ``causal``, ``qk_norm`` ...).
+        For an order-k ``spec`` every key (value) slot starts from torch's key (value) projection.
+        torch's attention-weight ``dropout`` is not copied (it is never applied here; it has no
+        effect in ``eval()`` mode); ``add_bias_kv`` and ``add_zero_attn`` are refused. With
+        ``backend="exact"`` the copy computes what ``mha`` computes, to float rounding.
+
+        >>> import torch, tensorattn as ta
+        >>> theirs = torch.nn.MultiheadAttention(16, 4, batch_first=True)
+        >>> ours = ta.nn.MultiheadTensorAttention.from_torch(theirs, backend="exact")
+        >>> x = torch.randn(2, 5, 16)
+        >>> bool(torch.allclose(ours(x, x, x)[0], theirs(x, x, x)[0], atol=1e-6))
+        True
+        """
+        if not isinstance(mha, nn.MultiheadAttention):
+            raise InputError(f"from_torch expects a torch.nn.MultiheadAttention, got {type(mha).__name__}")
+        if mha.bias_k is not None or mha.add_zero_attn:
+            raise InputError(
+                "from_torch: this nn.MultiheadAttention uses add_bias_kv or add_zero_attn (extra learned or zero "
+                "key/value tokens appended to every sequence), which MultiheadTensorAttention does not have"
+            )
+        weight = mha.out_proj.weight
+        bias = mha.in_proj_bias is not None
+        new = cls(mha.embed_dim, mha.num_heads, spec, bias=bias, batch_first=mha.batch_first, kdim=mha.kdim,
+                  vdim=mha.vdim, device=weight.device, dtype=weight.dtype, **options)
+        E = mha.embed_dim
+        if mha._qkv_same_embed_dim:
+            wq, wk, wv = mha.in_proj_weight[:E], mha.in_proj_weight[E: 2 * E], mha.in_proj_weight[2 * E:]
+        else:
+            wq, wk, wv = mha.q_proj_weight, mha.k_proj_weight, mha.v_proj_weight
+        with torch.no_grad():
+            new.q_proj.weight.copy_(wq)
+            for lin in new.k_proj:
+                lin.weight.copy_(wk)
+            for lin in new.v_proj:
+                lin.weight.copy_(wv)
+            if bias:
+                b = mha.in_proj_bias
+                new.q_proj.bias.copy_(b[:E])
+                for lin in new.k_proj:
+                    lin.bias.copy_(b[E: 2 * E])
+                for lin in new.v_proj:
+                    lin.bias.copy_(b[2 * E:])
+            new.out_proj.weight.copy_(mha.out_proj.weight)
+            if new.out_proj.bias is not None and mha.out_proj.bias is not None:
+                new.out_proj.bias.copy_(mha.out_proj.bias)
+        new.train(mha.training)
+        return new
+
     def _slots(self, x, name: str, default) -> list[torch.Tensor]:
         slots = self.num_slots
         if x is None:
@@ -291,32 +366,82 @@ class MultiheadTensorAttention(_SpecModule):
         N, L = x.shape[:2]
         return x.reshape(N, L, self.num_heads, self.head_dim).transpose(1, 2)
 
+    def _key_padding(self, mask, unbatched: bool, slots: int):
+        """torch's (N, S) key padding mask (or (S,) unbatched), per slot, as (N, 1, S): one row per
+        batch element, shared by the heads."""
+        if mask is None:
+            return None
+        per_slot = slots > 1 and isinstance(mask, (list, tuple))
+        if per_slot and len(mask) != slots:
+            raise InputError(
+                f"key_padding_mask is a sequence of {len(mask)} masks but spec {self.spec.name!r} has {slots} "
+                "key slots; pass one mask (shared by every slot) or one per slot"
+            )
+        out = []
+        for t in (mask if per_slot else [mask]):
+            if t is None:
+                out.append(None)
+                continue
+            want = 1 if unbatched else 2
+            if not isinstance(t, torch.Tensor) or t.dim() != want:
+                shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                raise InputError(
+                    f"key_padding_mask has shape {shape}; nn.MultiheadAttention's layout is (batch, keys) "
+                    "(or (keys,) for an unbatched input), True or -inf marking a padded key"
+                )
+            out.append(t[None, None] if unbatched else t[:, None])
+        return tuple(out) if per_slot else out[0]
+
+    def _attn_mask(self, mask, unbatched: bool, N: int, slots: int):
+        """torch's (L, S) or (N * H, L, S) attention mask as (..., L, S) over (N, H); an order-k
+        spec applies it to every key slot (a key tuple is masked when any of its keys is)."""
+        if mask is None:
+            return None
+        per_slot = slots > 1 and isinstance(mask, (list, tuple))
+        if per_slot and len(mask) != slots:
+            raise InputError(
+                f"attn_mask is a sequence of {len(mask)} masks but spec {self.spec.name!r} has {slots} key "
+                "slots; pass one (L, S) mask (applied to every slot) or one per slot"
+            )
+        out = []
+        for t in (mask if per_slot else [mask]):
+            if not isinstance(t, torch.Tensor) or t.dim() not in (2, 3):
+                shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                raise InputError(
+                    f"attn_mask has shape {shape}; nn.MultiheadAttention's layouts are (L, S) and "
+                    f"(batch * num_heads, L, S), True or -inf marking a pair that may not attend"
+                )
+            if t.dim() == 3:
+                rows = 1 if unbatched else N
+                if t.shape[0] != rows * self.num_heads:
+                    raise InputError(
+                        f"attn_mask has shape {tuple(t.shape)}; a 3-D mask must be (batch * num_heads, L, S) "
+                        f"= ({rows * self.num_heads}, L, S)"
+                    )
+                t = t.reshape(rows, self.num_heads, *t.shape[1:])
+            out.append(t)
+        return tuple(out) if per_slot else (tuple(out * slots) if slots > 1 else out[0])
+
     def forward(
         self,
         query: torch.Tensor,
         key: torch.Tensor | Sequence[torch.Tensor] | None = None,
         value: torch.Tensor | Sequence[torch.Tensor] | None = None,
-        key_padding_mask: torch.Tensor | None = None,
+        key_padding_mask: torch.Tensor | Sequence[torch.Tensor] | None = None,
         need_weights: bool = False,
-        attn_mask: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | Sequence[torch.Tensor] | None = None,
         average_attn_weights: bool = True,
         is_causal: bool | None = None,
         *,
         return_info: bool = False,
         **spec_options: Any,
-    ) -> tuple[torch.Tensor, AttentionInfo | None]:
-        """Attend; ``key``/``value`` default to ``query``/``key`` and may be one tensor per slot."""
-        if key_padding_mask is not None or attn_mask is not None:
-            raise InputError(
-                "key_padding_mask / attn_mask are not supported: tensorattn never builds the score "
-                "tensor a mask would apply to. Only causal masking is built in (causal=True or "
-                "is_causal=True); drop padded keys or use torch.nn.MultiheadAttention"
-            )
-        if need_weights:
-            raise InputError(
-                "need_weights=True: the attention weights (n^k entries for order k) are never "
-                "materialized. Pass need_weights=False; return_info=True gives the plan and bounds"
-            )
+    ) -> tuple[torch.Tensor, Any]:
+        """Attend; ``key``/``value`` default to ``query``/``key`` and may be one tensor per slot.
+
+        Returns ``(output, weights)`` where weights is None unless ``need_weights=True``, or
+        ``(output, info)`` with ``return_info=True``."""
+        if need_weights and return_info:
+            raise InputError("need_weights=True and return_info=True both fill the second output; pass one of them")
         keys = self._slots(key, "key", query)
         values = self._slots(value, "value", query if key is None else key)
         unbatched = query.dim() == 2
@@ -334,6 +459,18 @@ class MultiheadTensorAttention(_SpecModule):
                 )
         slots = len(keys)
         q_in, k_in, v_in = tensors[0], tensors[1: 1 + slots], tensors[1 + slots:]
+        N, L = q_in.shape[:2]
+        masks = {"key_padding_mask": self._key_padding(key_padding_mask, unbatched, slots),
+                 "attn_mask": self._attn_mask(attn_mask, unbatched, N, slots)}
+        request, options = self._call_request(is_causal, spec_options)
+        if need_weights:
+            if request.backend not in ("auto", "exact"):
+                raise InputError(
+                    f"need_weights=True: backend={request.backend!r} never forms the attention weights "
+                    "(n^k numbers per head for order k). Fix: backend='exact' (or 'auto', which then runs "
+                    "exact for this call); return_info=True gives the plan and its bounds instead"
+                )
+            request = dataclasses.replace(request, backend="exact")
         q = self._heads(self.q_proj(q_in))
         ks = [self._heads(proj(x)) for proj, x in zip(self.k_proj, k_in)]
         vs = [self._heads(proj(x)) for proj, x in zip(self.v_proj, v_in)]
@@ -341,14 +478,22 @@ class MultiheadTensorAttention(_SpecModule):
             q = F.normalize(q, dim=-1) * self.qk_norm
             ks = [F.normalize(x, dim=-1) * self.qk_norm for x in ks]
         k_arg, v_arg = (ks[0], vs[0]) if slots == 1 else (ks, vs)
-        res = self._attend(q, k_arg, v_arg, is_causal, return_info, spec_options)
-        out, info = res if return_info else (res, None)
-        N, L = q_in.shape[:2]
+        recording = self._recorded is not None
+        res = _attend_eager(self.spec, q, k_arg, v_arg, request, options, return_info or recording, masks)
+        out, info = res if (return_info or recording) else (res, None)
+        if recording:
+            self._recorded.append(info)
+            info = info if return_info else None
         out = self.out_proj(out.transpose(1, 2).reshape(N, L, self.embed_dim))
         if unbatched:
             out = out.squeeze(0)
         elif not self.batch_first:
             out = out.transpose(0, 1)
+        if need_weights:
+            weights = _weights_eager(self.spec, q, k_arg, request, options, masks)
+            if average_attn_weights:
+                weights = weights.mean(dim=1)
+            return out, (weights.squeeze(0) if unbatched else weights)
         return out, info
 
     def extra_repr(self) -> str:

@@ -133,4 +133,5 @@ def problem_for(ops: Operands, request: Request, *, maxima: OperandMaxima | None
         dtype="float64" if ops.dtype == torch.float64 else "float32", need_grad=need_grad,
         q_offset=ops.q_offset, relative=relative_support(ops.rel, ops.D) if ops.rel is not None else None,
         alibi_slope=ops.alibi_slope, terms=stats.terms, value_shapes=tuple(tuple(v.shape[2:]) for v in ops.values),
+        key_mask=ops.key_mask, attn_mask=ops.attn_mask is not None,
     )

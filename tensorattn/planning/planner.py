@@ -17,7 +17,7 @@ from ..approx.polynomials import get_approximant
 from ..checks import check_int, check_number
 from ..errors import BoundError, InputError
 from ..inputs import Operands
-from ..registry import AUTO, Backend, backends_serving, registered
+from ..registry import AUTO, Backend, backends_serving, registered, serving
 from ..request import Problem, Request, default_scale
 from ..spec import Spec, get_spec
 from .bounds import OperandMaxima, problem_for, threshold
@@ -178,6 +178,7 @@ class Plan:
         lines = [
             f"  Spec:               {p.spec.name}  (order {self.order}, score {p.spec.score!r})",
             f"  Sizes:              n={p.n}  m={m_text}  D={p.D}  e={p.E}  batch={p.Z}  causal={p.causal}",
+            *([f"  Masks:              {_mask_text(p)}"] if p.key_mask or p.attn_mask else []),
             f"  Scale:              {p.scale:.6g}",
             f"  Entry bound B:      {p.B:.4f}   threshold tau_{k}(n) = (ln {p.n_max})^(1/{k}) = "
             f"{self.threshold:.4f}  -> {self.verdict}",
@@ -221,6 +222,11 @@ class Plan:
             )
         lines.append(f"  Backend:            {self.backend}  ({self.reason})")
         return "Plan(\n" + "\n".join(lines) + "\n)"
+
+
+def _mask_text(p: Problem) -> str:
+    parts = [f"key mask ({p.key_mask})"] if p.key_mask else []
+    return ", ".join(parts + (["general attn_mask"] if p.attn_mask else []))
 
 
 def _bound_message(plan: Plan, what: str) -> str:
@@ -298,7 +304,7 @@ def make_plan(problem: Problem, request: Request, backends: dict[str, Backend] |
         tau = term_taus[deciding]
         passed = all(t.B < tau_t for t, tau_t in zip(problem.terms, term_taus))
     poly = registry.get("poly")
-    poly_serves = poly.serves(spec, problem) if poly is not None else False
+    poly_serves = serving(poly, spec, problem) if poly is not None else False
     cert, extra, rel_note = _poly_certificate(problem, request) if poly_serves else (None, None, "")
     folded = _rel_folded(problem)
     rel_terms = extra if spec.positional == "relative" and not folded else None
@@ -334,7 +340,8 @@ def make_plan(problem: Problem, request: Request, backends: dict[str, Backend] |
     if backend == AUTO:
         if not poly_serves:
             why = getattr(poly_serves, "reason", "no poly backend is registered")
-            return Plan(**base, backend="exact", reason=f"poly does not serve spec {spec.name!r}: {why}")
+            what = "this call" if problem.key_mask or problem.attn_mask else f"spec {spec.name!r}"
+            return Plan(**base, backend="exact", reason=f"poly does not serve {what}: {why}")
         if not passed:
             return Plan(**base, backend="exact", reason="B is past the threshold")
         if cert is None or cert.rank > request.max_rank:
@@ -346,11 +353,12 @@ def make_plan(problem: Problem, request: Request, backends: dict[str, Backend] |
     impl = registry.get(backend)
     if impl is None:
         raise InputError(f"backend {backend!r} is not in the registry this plan was made with: {sorted(registry)}")
-    serves = impl.serves(spec, problem)
+    serves = serving(impl, spec, problem)
     if not serves:
         others = ", ".join(repr(n) for n in backends_serving(spec, problem, registry))
+        what = "this masked call to spec" if problem.key_mask or problem.attn_mask else "spec"
         raise InputError(
-            f"backend={backend!r} cannot serve spec {spec.name!r} (order {spec.order}, score {spec.score!r}"
+            f"backend={backend!r} cannot serve {what} {spec.name!r} (order {spec.order}, score {spec.score!r}"
             f"{', positional=' + repr(spec.positional) if spec.positional else ''}): {serves.reason}. "
             f"Backends that can: {others}"
         )
