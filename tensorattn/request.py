@@ -15,7 +15,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from .approx.polynomials import APPROXIMANTS
+from .approx.polynomials import APPROXIMANTS, DEFAULT_MAX_DEGREE
 from .checks import check_bool, check_choice, check_int, check_number
 from .errors import InputError, valid_names
 from .registry import AUTO, registered
@@ -59,7 +59,7 @@ class Request:
     causal: bool = False
     scale: float | None = None
     q_offset: int | None = None
-    max_degree: int = 40
+    max_degree: int = DEFAULT_MAX_DEGREE
     max_rank: int = 1 << 21
     approximant: str = "chebyshev"
     memory_budget: int = 64 << 20

@@ -18,6 +18,8 @@ from scipy import special
 from ..errors import InputError, valid_names
 
 U64 = np.finfo(np.float64).eps / 2
+#: the largest polynomial degree tried by default (``Request.max_degree``)
+DEFAULT_MAX_DEGREE = 40
 #: relative accuracy we assume for scipy's modified Bessel functions (documented ~1e-15).
 BESSEL_REL_ERR = 1e-14
 
@@ -100,7 +102,7 @@ class Approximant:
     def _coefficient_input_error(self, beta: float, g: int) -> float:
         return 0.0
 
-    def degree_for(self, beta: float, tol: float, max_degree: int = 40) -> int | None:
+    def degree_for(self, beta: float, tol: float, max_degree: int = DEFAULT_MAX_DEGREE) -> int | None:
         """Smallest g <= max_degree with output_error(certified_error(beta, g)) <= tol, else None."""
         for g in range(0, max_degree + 1):
             if output_error(self.certified_error(beta, g)) <= tol:
