@@ -209,11 +209,11 @@ class Plan:
             ]
             if self.relative is not None:
                 lines.append(f"  Toeplitz terms:     {self.relative.describe()}")
-            if self.rel_folded:
-                lines.append("  Relative W:         the same matrix at every offset: folded into q, pairwise path")
-        else:
+        elif self.request.backend in (AUTO, "poly"):
             lines.append(f"  Polynomial:         none certifies tol {self.tol:.1e} within max_degree "
                          f"{self.request.max_degree}")
+        if self.rel_folded:
+            lines.append("  Relative W:         the same matrix at every offset: folded into q, pairwise path")
         lines.append(f"  Exact flops:        {self.flops_exact:.3e}")
         if self.flops_poly is not None:
             lines.append(
@@ -305,7 +305,9 @@ def make_plan(problem: Problem, request: Request, backends: dict[str, Backend] |
         passed = all(t.B < tau_t for t, tau_t in zip(problem.terms, term_taus))
     poly = registry.get("poly")
     poly_serves = serving(poly, spec, problem) if poly is not None else False
-    cert, extra, rel_note = _poly_certificate(problem, request) if poly_serves else (None, None, "")
+    # a named backend other than poly never needs the polynomial: skip its certificate and cost
+    wants_poly = request.backend in (AUTO, "poly")
+    cert, extra, rel_note = _poly_certificate(problem, request) if poly_serves and wants_poly else (None, None, "")
     folded = _rel_folded(problem)
     rel_terms = extra if spec.positional == "relative" and not folded else None
     networks = extra if spec.is_polynomial else None
