@@ -92,12 +92,34 @@ def make_batch(task: str, size: int, args, rng: np.random.Generator):
     return make_match3(size, args.n, args.M, rng)
 
 
-def chance_levels(task: str, test: tuple[torch.Tensor, torch.Tensor], args) -> dict[str, float]:
-    """Reference accuracies a model can reach without solving the task."""
-    if task == "match3":
-        rate = test[1].mean().item()
-        return {"majority class": max(rate, 1 - rate)}
-    return {"chance (1/m)": 1 / args.m}
+def repeated_index_triple(p: torch.Tensor, M: int) -> torch.Tensor:
+    """match3: positions i with a matching triple that repeats an index (j = k, j = i or k = i),
+    i.e. some j with p_i + 2 p_j = 0 or 2 p_i + p_j = 0 (mod M). These are pairwise relations, which
+    one pairwise attention layer can check; only triples of three distinct positions need more."""
+    one_two = (p[:, :, None] + 2 * p[:, None, :]) % M == 0
+    two_one = (2 * p[:, :, None] + p[:, None, :]) % M == 0
+    return (one_two | two_one).any(-1)
+
+
+def hard_positions(task: str, test: tuple[torch.Tensor, torch.Tensor], args) -> torch.Tensor | None:
+    """match3: the held-out positions where no repeated-index triple decides the label."""
+    return ~repeated_index_triple(test[0], args.M) if task == "match3" else None
+
+
+def chance_levels(task: str, test, args) -> dict[str, tuple[float, float | None]]:
+    """Reference accuracies (overall, on the hard positions) reached without solving the task."""
+    if task == "compose":
+        return {"chance (1/m)": (1 / args.m, None)}
+    labels, hard = test[1].bool(), hard_positions(task, test, args)
+    majority = labels.float().mean().item() >= 0.5
+    shortcut = repeated_index_triple(test[0], args.M)  # always right off the hard positions
+
+    def acc(pred: torch.Tensor) -> tuple[float, float]:
+        hits = pred == labels
+        return hits.float().mean().item(), hits[hard].float().mean().item()
+
+    return {"majority class": acc(torch.full_like(labels, majority)),
+            "repeated-index triples only (pairwise-checkable)": acc(shortcut)}
 
 
 # --- model ------------------------------------------------------------------------------------
@@ -160,6 +182,8 @@ def hand_set(model: OneLayer, m: int, sharpness: float = 4.0, penalty: float = 2
     Triple (sum_l q_l k1_l k2_l) gets the same two terms from constant coordinates: k2 = 1 where
     q and k1 meet, q = 1 where k1 and k2 meet."""
     attn, E = model.attn, model.symbols.embedding_dim
+    if attn.spec.name not in ("tree", "strassen", "triple"):
+        raise ValueError(f"no hand-set solution for spec {attn.spec.name!r}")
     b, hd = max(1, (m - 1).bit_length()), attn.head_dim
     kinds = 2 * b + m  # first kind coordinate of the embedding
     if kinds + 3 > E or max(2 * b + 2, m) > hd:
@@ -190,8 +214,6 @@ def hand_set(model: OneLayer, m: int, sharpness: float = 4.0, penalty: float = 2
         for i in (*y_bits, 2 * b):
             q.bias[i] = 1.0
         k2.bias[2 * b + 1] = 1.0
-    elif attn.spec.name not in ("tree", "strassen"):
-        raise ValueError(f"no hand-set solution for spec {attn.spec.name!r}")
     attn.v_proj[0].bias[:hd] = 1.0
     attn.v_proj[1].weight[:m, 2 * b: 2 * b + m] = torch.eye(m)
     attn.out_proj.weight[:m, :m] = torch.eye(m)
@@ -215,6 +237,7 @@ class Run:
     params: int
     steps: list[int] = field(default_factory=list)
     accuracy: list[float] = field(default_factory=list)
+    hard: list[float] = field(default_factory=list)  # match3: accuracy on the hard positions
     ms_per_step: float = 0.0
 
     @property
@@ -232,14 +255,15 @@ def loss_and_hits(model: OneLayer, tokens: torch.Tensor, target: torch.Tensor) -
 
 
 @torch.no_grad()
-def accuracy(model: OneLayer, test: tuple[torch.Tensor, torch.Tensor], chunk: int = 512) -> float:
+def evaluate(model: OneLayer, test, hard: torch.Tensor | None = None, chunk: int = 512) -> tuple[float, float | None]:
+    """Held-out accuracy, and on the ``hard`` positions when given."""
     tokens, target = test
-    hits = sum(loss_and_hits(model, tokens[i: i + chunk], target[i: i + chunk])[1]
-               for i in range(0, len(tokens), chunk))
-    return hits / target.numel()
+    out = torch.cat([model(tokens[i: i + chunk]) for i in range(0, len(tokens), chunk)])
+    hits = (out.argmax(-1) if model.task == "compose" else (out > 0).float()) == target
+    return hits.float().mean().item(), None if hard is None else hits[hard].float().mean().item()
 
 
-def train(task: str, spec: str, seed: int, args, hidden: int, test) -> Run:
+def train(task: str, spec: str, seed: int, args, hidden: int, test, hard: torch.Tensor | None) -> Run:
     torch.manual_seed(seed)
     model = OneLayer(task, spec, args, hidden)
     run = Run(task, spec, seed, sum(p.numel() for p in model.parameters()))
@@ -256,9 +280,13 @@ def train(task: str, spec: str, seed: int, args, hidden: int, test) -> Run:
         step_time += time.perf_counter() - start
         if step % args.eval_every == 0 or step == args.steps:
             run.steps.append(step)
-            run.accuracy.append(accuracy(model, test))
+            acc, acc_hard = evaluate(model, test, hard)
+            run.accuracy.append(acc)
+            if acc_hard is not None:
+                run.hard.append(acc_hard)
     run.ms_per_step = 1000 * step_time / args.steps
-    print(f"  {task:<8} {spec:<9} seed {seed}  held-out accuracy {run.final:.3f}  "
+    hard_note = f"  on hard positions {run.hard[-1]:.3f}" if run.hard else ""
+    print(f"  {task:<8} {spec:<9} seed {seed}  held-out accuracy {run.final:.3f}{hard_note}  "
           f"best {max(run.accuracy):.3f}  {run.ms_per_step:.1f} ms/step", flush=True)
     return run
 
@@ -273,9 +301,12 @@ def mean_spread(values: list[float], digits: int = 3) -> str:
     return f"{mid:.{digits}f} ± {half:.{digits}f}"
 
 
-def table(runs: list[Run], refs: dict[str, dict[str, float]]) -> str:
+Refs = dict[str, dict[str, tuple[float, float | None]]]
+
+
+def table(runs: list[Run], refs: Refs) -> str:
     rows = [
-        "| task | attention | params | seeds | final held-out accuracy | per seed | ms / step |",
+        "| task | attention | params | final held-out accuracy | per seed | match3: on hard positions | ms / step |",
         "|---|---|---|---|---|---|---|",
     ]
     for task in dict.fromkeys(r.task for r in runs):
@@ -284,15 +315,16 @@ def table(runs: list[Run], refs: dict[str, dict[str, float]]) -> str:
             if not rs:
                 continue
             per_seed = " / ".join(f"{r.final:.3f}" for r in rs)
+            hard = mean_spread([r.hard[-1] for r in rs]) if rs[0].hard else "-"
             ms = mean_spread([r.ms_per_step for r in rs], digits=1)
-            rows.append(f"| {task} | {spec} | {rs[0].params:,} | {len(rs)} | {mean_spread([r.final for r in rs])} | "
-                        f"{per_seed} | {ms} |")
-        for name, value in refs[task].items():
-            rows.append(f"| {task} | *{name}* | | | {value:.3f} | | |")
+            rows.append(f"| {task} | {spec} | {rs[0].params:,} | {mean_spread([r.final for r in rs])} | {per_seed} | "
+                        f"{hard} | {ms} |")
+        for name, (value, hard) in refs[task].items():
+            rows.append(f"| {task} | *{name}* | | {value:.3f} | | {'-' if hard is None else f'{hard:.3f}'} | |")
     return "\n".join(rows)
 
 
-def plot(runs: list[Run], refs: dict[str, dict[str, float]], path: str) -> None:
+def plot(runs: list[Run], refs: Refs, path: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -306,7 +338,7 @@ def plot(runs: list[Run], refs: dict[str, dict[str, float]], path: str) -> None:
             rs = [r for r in runs if r.task == task and r.spec == spec]
             for i, r in enumerate(rs):
                 ax.plot(r.steps, r.accuracy, color=colors[spec], alpha=0.8, lw=1.2, label=spec if i == 0 else None)
-        for (name, value), style in zip(refs[task].items(), (":", "-.")):  # chance, hand-set tree
+        for (name, (value, _)), style in zip(refs[task].items(), (":", "-.")):  # the first two references
             ax.axhline(value, color="black", linestyle=style, lw=0.8, label=name)
         ax.set_title({"compose": "2-fold composition g(f(x))", "match3": "Match3: p_i + p_j + p_k = 0 (mod M)"}[task])
         ax.set_xlabel("training step")
@@ -362,12 +394,13 @@ def main(argv=None) -> list[Run]:
                 except ValueError as err:  # too narrow for the construction
                     print(f"  no hand-set {spec} model: {err}")
                     continue
-                refs[task][f"{spec}, hand-set weights (no training)"] = accuracy(model, test)
+                refs[task][f"{spec}, hand-set weights (no training)"] = evaluate(model, test)
         hidden = hidden_sizes(args, args.m if task == "compose" else 1)
-        print(f"{task}: " + ", ".join(f"{k} {v:.3f}" for k, v in refs[task].items()), flush=True)
+        hard = hard_positions(task, test, args)
+        print(f"{task}: " + ", ".join(f"{k} {v[0]:.3f}" for k, v in refs[task].items()), flush=True)
         for spec in args.mechanisms:
             for seed in args.seeds:
-                runs.append(train(task, spec, seed, args, hidden[spec], test))
+                runs.append(train(task, spec, seed, args, hidden[spec], test, hard))
     print()
     print(table(runs, refs))
     plot(runs, refs, args.out)
