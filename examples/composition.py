@@ -34,7 +34,11 @@ counts). Training: AdamW on fresh random batches (no example is seen twice), a f
 set; every run is deterministic given its seed (torch.manual_seed for the weights, numpy
 Generators for the data, one torch thread).
 
-Run:  python examples/composition.py                  (4 mechanisms x 2 tasks x 3 seeds)
+The setup, the results and what they say are in
+docs/poly-attention.md#experiment-composition-and-match3-with-one-layer.
+
+Run:  python examples/composition.py                  (4 mechanisms x 2 tasks x 3 seeds; about
+                                                       17 minutes on a shared 2-core machine)
       python examples/composition.py --task compose --seeds 0 1
       python examples/composition.py --quick          (a few seconds; a smoke test)
 """
@@ -381,7 +385,15 @@ def parse(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> list[Run]:
     args = parse(argv)
+    threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
+    try:
+        return _experiment(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _experiment(args) -> list[Run]:
     tasks = TASKS if args.task == "both" else (args.task,)
     runs, refs = [], {}
     for task in tasks:
