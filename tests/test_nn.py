@@ -267,3 +267,49 @@ def test_triple_task_example_smoke(tmp_path, monkeypatch):
     assert (tmp_path / "curves.png").stat().st_size > 0
     assert results[-1].info.backend == "poly" and results[-1].exact_eval is not None
     assert all(0.0 <= r.final <= 1.0 for r in results)
+
+
+def _load_example(name: str, monkeypatch):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(__import__("sys").modules, name, module)  # dataclasses look it up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_composition_example_smoke(tmp_path, monkeypatch):
+    """examples/composition.py end to end with a handful of steps (the full run is in docs/poly-attention.md)."""
+    module = _load_example("composition", monkeypatch)
+    runs = module.main(["--quick", "--out", str(tmp_path / "curves.png")])
+    assert [(r.task, r.spec) for r in runs] == [(t, s) for t in module.TASKS for s in module.MECHANISMS]
+    assert (tmp_path / "curves.png").stat().st_size > 0
+    assert all(0.0 <= r.final <= 1.0 and r.ms_per_step > 0 for r in runs)
+    for task in module.TASKS:  # the pairwise model's wider MLP makes up for its missing projections
+        params = [r.params for r in runs if r.task == task]
+        assert max(params) - min(params) <= 0.01 * max(params)
+
+
+def test_composition_example_data_and_hand_set_solution(monkeypatch):
+    """The tasks' labels against brute force, and the hand-set tree/Strassen/triple weights solve compose."""
+    module = _load_example("composition", monkeypatch)
+    args = module.parse([])
+    tokens, target = module.make_compose(16, args.m, args.queries, np.random.default_rng(0))
+    for seq, ys in zip(tokens.tolist(), target.tolist()):
+        f = {x: y for kind, x, y in seq if kind == module.KIND_F}
+        g = {y: z for kind, y, z in seq if kind == module.KIND_G}
+        queries = [x for kind, x, _ in seq if kind == module.KIND_QUERY]
+        assert sorted(queries) == list(range(args.m)) and sorted(g.values()) == list(range(2 * args.m, 3 * args.m))
+        assert ys == [g[f[x]] - 2 * args.m for x in queries]
+    p, labels = module.make_match3(16, 5, 7, np.random.default_rng(0))
+    for seq, lab in zip(p.tolist(), labels.tolist()):
+        assert lab == [float(any((a + b + c) % 7 == 0 for b in seq for c in seq)) for a in seq]
+    test = module.make_compose(64, args.m, args.queries, np.random.default_rng(1))
+    for spec in ("tree", "strassen", "triple"):
+        model = module.hand_set(module.OneLayer("compose", spec, args, args.hidden), args.m)
+        assert module.evaluate(model, test)[0] == 1.0
+    with pytest.raises(ValueError, match="no hand-set solution"):
+        module.hand_set(module.OneLayer("compose", "pairwise", args, args.hidden), args.m)
