@@ -143,9 +143,7 @@ class OneLayer(nn.Module):
         else:
             self.symbols = nn.Embedding(args.M, E)
             outputs = 1
-        # max_degree=0: exact attention never uses a polynomial, so the planner need not search
-        # for one on every call (at these sizes the search costs as much as the attention)
-        self.attn = ta.nn.MultiheadTensorAttention(E, args.heads, spec, backend="exact", max_degree=0)
+        self.attn = ta.nn.MultiheadTensorAttention(E, args.heads, spec, backend="exact")
         self.head = nn.Sequential(nn.LayerNorm(2 * E), nn.Linear(2 * E, hidden), nn.GELU(), nn.Linear(hidden, outputs))
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
