@@ -4,13 +4,14 @@ says on a sample batch (docs/torch.md#use-it-in-your-model)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Iterator
 
 import torch
 from torch import nn
 
 from ..errors import InputError
+from ..planning.planner import make_plan
 from ..registry import AUTO, get_backend, serving
 from ..spec import Spec
 from .modules import MultiheadTensorAttention
@@ -95,18 +96,21 @@ def _run(model: nn.Module, sample: Any) -> None:
         model(sample)
 
 
-def _poly_ok(plan) -> tuple[bool, str]:
+def _poly_ok(plan) -> tuple[bool, str, Any]:
     """Whether poly serves this call with a certificate for tol, and if not, why."""
+    if plan.certificate is None and plan.request.backend not in (AUTO, "poly"):
+        # a plan for another named backend skips the polynomial search: search it here
+        plan = make_plan(plan.problem, replace(plan.request, backend=AUTO))
     serves = serving(get_backend("poly"), plan.spec, plan.problem)
     if not serves:
-        return False, serves.reason
+        return False, serves.reason, plan
     if not plan.passed and plan.request.on_unbounded != "ignore":  # "ignore": poly past it, still certified
-        return False, f"B = {plan.B:.3g} is past the threshold tau = {plan.threshold:.3g}"
+        return False, f"B = {plan.B:.3g} is past the threshold tau = {plan.threshold:.3g}", plan
     if plan.certificate is None:
-        return False, f"no polynomial of degree <= max_degree certifies tol at beta = {plan.beta:.3g}"
+        return False, f"no polynomial of degree <= max_degree certifies tol at beta = {plan.beta:.3g}", plan
     if plan.certificate.rank > plan.request.max_rank:
-        return False, f"rank {plan.certificate.rank:,} exceeds max_rank"
-    return True, "certified"
+        return False, f"rank {plan.certificate.rank:,} exceeds max_rank", plan
+    return True, "certified", plan
 
 
 def convert(model: nn.Module, sample: Any = None, *, spec: str | Spec = "pairwise", backend: str = AUTO,
@@ -168,8 +172,8 @@ def convert(model: nn.Module, sample: Any = None, *, spec: str | Spec = "pairwis
                                     new.backend, 0.0 if new.backend == "exact" else None, why, dropout))
             continue
         plan = max(infos, key=lambda info: info.B).plan
-        ok, why = _poly_ok(plan)
-        poly_bound = plan.certificate.output_error * plan.vmax if ok else None
+        ok, why, searched = _poly_ok(plan)
+        poly_bound = searched.certificate.output_error * searched.vmax if ok else None
         if backend == "poly":
             new.backend = "poly" if ok else "exact"
             runs, bound = new.backend, (poly_bound if ok else 0.0)
