@@ -10,7 +10,8 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from .inputs import Operands, prepare
+from .errors import InputError
+from .inputs import Operands, as_list, check_finite, prepare, to_tensor
 from .planning import GradientBound, Plan, certify_gradients, operand_maxima, plan_for
 from .registry import registered
 from .request import Request, with_call_signature
@@ -65,18 +66,42 @@ class AttentionInfo:
 
 
 def run_plan(plan: Plan, ops: Operands) -> torch.Tensor:
-    """Run the backend the plan chose on validated operands: (Z, n, *values) in the compute dtype."""
-    if ops.n == 0 or ops.q.shape[0] == 0:
-        return ops.q.new_zeros(ops.q.shape[0], ops.n, *ops.out_value_shape)
+    """Run the backend the plan chose on validated operands: (Z, n, *values) in the compute dtype.
+
+    With no query, no batch entry, or an empty value operand (a value index of size 0: the output
+    is empty, or sums over nothing) the result is zeros of the right shape for every backend."""
+    if ops.n == 0 or ops.q.shape[0] == 0 or any(v.numel() == 0 for v in ops.values):
+        out = ops.q.new_zeros(ops.q.shape[0], ops.n, *ops.out_value_shape)
+        if ops.tracks_grad:  # keep the result in the graph: every input gets a zero gradient
+            out = out + sum(t.sum() for t in ops.tensors if t.requires_grad) * 0.0
+        return out
     return registered()[plan.backend].run(plan, ops)
+
+
+def _fits(out: torch.Tensor, plan: Plan, ops: Operands) -> torch.Tensor:
+    """``out`` when it fits in the caller's dtype; an InputError instead of an inf after the cast."""
+    dtype = ops.out_dtype
+    top = float(torch.finfo(dtype).max if isinstance(dtype, torch.dtype) else np.finfo(dtype).max)
+    if plan.vmax * 1.01 < top or out.numel() == 0:  # |out| <= vmax (up to the certified error)
+        return out
+    biggest = float(out.detach().abs().max())
+    if biggest > top:
+        raise InputError(
+            f"the result has entries up to {biggest:.4g}, beyond the largest {ops.out_dtype_name} ({top:.4g}); it "
+            f"would come back as inf. Fix: pass q in a wider dtype (the result takes q's dtype) or rescale the values"
+        )
+    return out
 
 
 def attend(spec: Spec, q: Any, k: Any, v: Any, request: Request, spec_options: Mapping[str, Any] | None = None,
            *, return_info: bool = False):
     """``attention`` for a resolved spec and a validated Request (the nn modules call this)."""
+    if not isinstance(spec, Spec) or not isinstance(request, Request):
+        raise InputError(f"attend needs a ta.Spec and a ta.Request, got {type(spec).__name__} and "
+                         f"{type(request).__name__}; ta.attention takes names and keywords")
     ops = prepare(spec, q, k, v, request, dict(spec_options or {}))
     plan = plan_for(ops, request)
-    result = ops.restore(run_plan(plan, ops))
+    result = ops.restore(_fits(run_plan(plan, ops), plan, ops))
     if return_info:
         return result, AttentionInfo.from_plan(plan, certify_gradients(plan, ops, operand_maxima(ops)))
     return result
@@ -118,10 +143,14 @@ def grad_bound_for(info: AttentionInfo, d_out: Any, *, by_input: bool = False) -
     is in docs/torch.md. Gradients w.r.t. ``rel`` (W) are not covered, nor the rounding of a cast
     back to fp16/bf16. Returns None where the backend has no certificate.
     """
+    if not isinstance(info, AttentionInfo):
+        raise InputError(f"grad_bound_for needs the AttentionInfo of a call (return_info=True), got "
+                         f"{type(info).__name__}")
     if info.grad is None:
         return None
-    t = torch.as_tensor(np.asarray(d_out) if not isinstance(d_out, torch.Tensor) else d_out).detach()
-    t = t.to(torch.float64).abs()
+    t = to_tensor(d_out, "d_out")[0].detach().to(torch.float64)
+    check_finite(t, "d_out")
+    t = t.abs()
     lead = t.ndim - len(info.plan.spec.value_einsum.out_letters)  # rows dO_i: one per query token
     l1 = float(t.reshape(*t.shape[:lead], -1).sum(-1).max()) if t.numel() else 0.0
     bounds = info.grad.for_upstream(l1, float(t.max()) if t.numel() else 0.0)
@@ -138,8 +167,9 @@ def check_bounds(q: Any, k: Any, v: Any = None, *, spec: str | Spec = "pairwise"
     if v is None:
         # the check needs no values: plan with unit values under the default value einsum
         spec_obj = Spec(spec_obj.name, spec_obj.score, positional=spec_obj.positional, options=spec_obj.options)
-        keys = list(k) if spec_obj.order > 2 else [k]
-        v = [torch.ones(*tuple(np.shape(x))[: np.ndim(x) - len(f)], 1)
+        keys = [to_tensor(x, "k" if spec_obj.order == 2 else f"k[{i}]")[0]
+                for i, x in enumerate(as_list(k, "k", spec_obj.order - 1, spec_obj))]
+        v = [torch.ones(*x.shape[: max(0, x.ndim - len(f))], 1, dtype=x.dtype, device=x.device)
              for x, f in zip(keys, spec_obj.score_einsum.features[1:])]
-        v = v[0] if spec_obj.order == 2 else v
+        k, v = (keys[0], v[0]) if spec_obj.order == 2 else (tuple(keys), tuple(v))
     return plan_for(prepare(spec_obj, q, k, v, request, spec_options), request)

@@ -84,9 +84,25 @@ def relative_offsets(m: int, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.
     return q_pos[:, None] - k_pos[None, :] + (m - 1)
 
 
-def alibi_bias(slope: float, q_pos: torch.Tensor, k_pos: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """-slope * |i - j| for each (query, key) pair."""
-    return -float(slope) * (q_pos[:, None] - k_pos[None, :]).abs().to(dtype)
+def alibi_bias(slope: float, q_pos: torch.Tensor, k_pos: torch.Tensor, dtype: torch.dtype,
+               nearest: torch.Tensor | None = None) -> torch.Tensor:
+    """-slope * (|i - j| - nearest_i) for each (query, key) pair.
+
+    ``nearest`` (per query, default 0) is the distance to the query's nearest visible key. The
+    softmax does not change when a row is shifted, and with the shift the nearest key's bias is
+    exactly 0: a huge slope sends the other biases to -inf but never makes a row all -inf (which
+    would give NaN). Computed in float64 (a finite slope times a finite distance is never NaN)."""
+    dist = (q_pos[:, None] - k_pos[None, :]).abs()
+    if nearest is not None:
+        dist = dist - nearest[:, None]
+    return (-float(slope) * dist.to(torch.float64)).to(dtype)
+
+
+def nearest_key_distance(q_pos: torch.Tensor, first: int, last: int, causal: bool) -> torch.Tensor:
+    """Distance from each query position to its nearest visible key, keys at positions first..last
+    (causal: only keys at or before the query are visible)."""
+    past = (q_pos - last).clamp(min=0)
+    return past if causal else past + (first - q_pos).clamp(min=0)
 
 
 def max_alibi_decay(slope: float, n: int, m: int, q_offset: int) -> float:
@@ -95,6 +111,7 @@ def max_alibi_decay(slope: float, n: int, m: int, q_offset: int) -> float:
 
 
 __all__ = [
-    "ROPE_LAYOUTS", "alibi_bias", "check_options", "check_rel", "max_alibi_decay", "relative_length",
+    "ROPE_LAYOUTS", "alibi_bias", "check_options", "check_rel", "max_alibi_decay", "nearest_key_distance",
+    "relative_length",
     "relative_offsets", "rope_angles", "rope_rotate", "rotate",
 ]

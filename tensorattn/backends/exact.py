@@ -16,8 +16,11 @@ import opt_einsum
 import torch
 
 from ..inputs import Operands
-from ..positional import alibi_bias, relative_offsets
+from ..planning.cost import exact_key_blocks
+from ..positional import alibi_bias, nearest_key_distance, relative_offsets
 from ..registry import Backend
+
+_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 @lru_cache(maxsize=512)
@@ -48,9 +51,11 @@ class TileEngine:
         self.causal = ops.causal
         self.q_pos = ops.q_positions()
         self.k_pos = [ops.k_positions(s) for s in range(self.order - 1)]
+        if self.slope:
+            k_pos = self.k_pos[0]
+            self.nearest = nearest_key_distance(self.q_pos, int(k_pos[0]), int(k_pos[-1]), self.causal)
         # tile sizes from the memory budget: a tile holds ~ (4 + d^2 for relative) floats per tuple
-        nk = self.order - 1
-        self.key_block = [min(m, max(1, int(round(1024 ** (1.0 / nk))))) for m in ops.ms]
+        self.key_block = list(exact_key_blocks(ops.ms))
         tuples = math.prod(self.key_block)
         per_tuple = 4 + (ops.sizes["d"] ** 2 if self.relative else 0)
         elem = ops.q.element_size()
@@ -76,7 +81,7 @@ class TileEngine:
             idx = relative_offsets(self.ops.ms[0], qp, kp)
             s = contract("...ia,ijab,...jb->...ij", q, rel[idx], ks[0]) * self.scale
             if self.slope:
-                s = s + alibi_bias(self.slope, qp, kp, s.dtype)
+                s = s + alibi_bias(self.slope, qp, kp, s.dtype, self.nearest[i0: i0 + q.shape[1]])
         else:
             s = contract(self.score_expr, q, *ks) * self.scale
         if self.causal:
@@ -151,6 +156,8 @@ class ExactAttentionFunction(torch.autograd.Function):
         saved = ctx.saved_tensors
         q, keys, values = saved[0], list(saved[1: 1 + nk]), list(saved[1 + nk: 1 + 2 * nk])
         rel = saved[1 + 2 * nk] if ctx.has_rel else None
+        if torch.is_grad_enabled():  # create_graph=True: the gradient itself must be differentiable
+            return (None, None, *_differentiable_backward(engine, q, keys, values, rel, d_out))
         out, lse = saved[-2], saved[-1]
         vdims = tuple(range(2, out.ndim))
         delta = (d_out * out).sum(dim=vdims) if vdims else d_out * out  # D_i = <dO_i, out_i>
@@ -184,6 +191,21 @@ class ExactAttentionFunction(torch.autograd.Function):
         return (None, None, dq, *dks, *dvs, *([drel] if rel is not None else []))
 
 
+def _differentiable_backward(engine: TileEngine, q, keys, values, rel, d_out) -> list:
+    """Gradients w.r.t. (q, keys, values, rel) that autograd can differentiate again (double
+    backward, e.g. gradient penalties): the forward is recomputed with a full graph, so this path
+    keeps every tile's weights alive (memory O(n * key tuples), unlike the streaming backward)."""
+    inputs = [q, *keys, *values] + ([rel] if rel is not None else [])
+    wanted = [t for t in inputs if t.requires_grad]
+    grads = iter(torch.autograd.grad(stream_forward(engine, q, keys, values, rel)[0], wanted, d_out,
+                                     create_graph=True, allow_unused=True) if wanted else ())
+    out = []
+    for t in inputs:
+        g = next(grads) if t.requires_grad else None
+        out.append(torch.zeros_like(t) if g is None else g)
+    return out
+
+
 class ExactBackend(Backend):
     """Exact softmax attention for every spec, streamed with online softmax."""
 
@@ -191,11 +213,13 @@ class ExactBackend(Backend):
     certified = True
 
     def run(self, plan, ops: Operands) -> torch.Tensor:
+        dtype = ops.dtype
+        ops = ops.to(_DTYPES[plan.exact_dtype])  # float64 where float32 could overflow
         engine = TileEngine(ops, plan.request.memory_budget)
         nk = ops.order - 1
         args = ops.tensors
         # need_grad=False only skips the gradient-aware degree choice; it never detaches the output
         if ops.tracks_grad:
-            return ExactAttentionFunction.apply(engine, nk, *args)
+            return ExactAttentionFunction.apply(engine, nk, *args).to(dtype)
         with torch.no_grad():
-            return stream_forward(engine, ops.q, list(ops.keys), list(ops.values), ops.rel)[0]
+            return stream_forward(engine, ops.q, list(ops.keys), list(ops.values), ops.rel)[0].to(dtype)

@@ -25,6 +25,7 @@ class InputStats:
     B: float  # (|scale| D max|q| prod max|k_m|)^(1/k)
     vmax: float  # bound on |combined value| for one key tuple
     n_max: int
+    linf: tuple[float, ...] = ()  # max |entry| of each score operand (query first)
 
 
 def _missing_factor(feats: str, contracted: tuple[str, ...], sizes: dict[str, int]) -> float:
@@ -51,6 +52,15 @@ class OperandMaxima:
         return cls(tuple(xs[:order]), tuple(xs[order: 2 * order]), tuple(xs[2 * order: 3 * order - 1]), xs[-1])
 
 
+def _max_row_norm(flat: torch.Tensor, top: float) -> float:
+    """max l2 norm over the rows of ``flat`` (max |entry| ``top``). Far from 1 the squares would
+    overflow or underflow (an inf or a too small beta), so the rows are scaled by a power of two first."""
+    if top == 0.0 or 2.0 ** -60 <= top <= 2.0 ** 60:
+        return float(flat.norm(dim=-1).max())
+    step = 2.0 ** math.floor(math.log2(top))
+    return float((flat / step).norm(dim=-1).max()) * step
+
+
 def operand_maxima(ops: Operands) -> OperandMaxima:
     se = ops.spec.score_einsum
     operands = [ops.q, *ops.keys]
@@ -64,8 +74,9 @@ def operand_maxima(ops: Operands) -> OperandMaxima:
                 linf.append(0.0)
                 continue
             flat = t.detach().reshape(Z, t.shape[1], -1)
-            l2.append(float(flat.norm(dim=-1).max()) * _missing_factor(feats, se.contracted, ops.sizes))
-            linf.append(float(flat.abs().max()))
+            top = float(flat.abs().max())
+            l2.append(_max_row_norm(flat, top) * _missing_factor(feats, se.contracted, ops.sizes))
+            linf.append(top)
         wnorm = 1.0
         if ops.rel is not None:
             wnorm = float(torch.linalg.matrix_norm(ops.rel.detach(), ord=2).max())
@@ -88,7 +99,7 @@ def input_stats(ops: Operands, maxima: OperandMaxima | None = None) -> InputStat
     B = (scale * D * prod_entries) ** (1.0 / spec.order)
     ve = spec.value_einsum
     vmax = math.prod(vals) * math.prod(ops.value_sizes[c] for c in ve.summed)
-    return InputStats(beta=beta, B=B, vmax=vmax, n_max=max(ops.n, *ops.ms))
+    return InputStats(beta=beta, B=B, vmax=vmax, n_max=max(ops.n, *ops.ms), linf=tuple(linf))
 
 
 def problem_for(ops: Operands, request: Request, *, maxima: OperandMaxima | None = None, n: int | None = None,
@@ -103,5 +114,5 @@ def problem_for(ops: Operands, request: Request, *, maxima: OperandMaxima | None
         beta=stats.beta, B=stats.B, scale=ops.scale, Z=ops.q.shape[0], causal=ops.causal, vmax=stats.vmax,
         dtype="float64" if ops.dtype == torch.float64 else "float32", need_grad=need_grad,
         q_offset=ops.q_offset, relative=relative_support(ops.rel, ops.D) if ops.rel is not None else None,
-        alibi_slope=ops.alibi_slope,
+        alibi_slope=ops.alibi_slope, out_dtype=ops.out_dtype_name, linf=tuple(stats.linf),
     )

@@ -33,7 +33,7 @@ from scipy import fft as scipy_fft
 from ..approx.features import monomial_tables, rank_for
 from ..approx.polynomials import Approximant
 from ..errors import InputError
-from .certificate import UNIT_ROUNDOFF, Certificate, certify
+from .certificate import MAX_CERTIFIABLE_BETA, UNIT_ROUNDOFF, Certificate, certify
 
 #: flops of one real FFT of length N (split radix, real input): about 2.5 N log2 N
 FFT_FLOPS = 2.5
@@ -221,11 +221,11 @@ def fft_roundoff(approx: Approximant, beta: float, beta_abs: float, g: int, N: i
     add the rounding of W to the compute dtype.
     """
     u = UNIT_ROUNDOFF["float64"]
+    if beta + decay > 700:
+        return math.inf
     coeffs = approx.coefficients(float(beta), g)
     mag = float(np.sum(np.abs(coeffs) * float(beta_abs) ** np.arange(g + 1)))
     growth = FFT_ERROR_CONSTANT * math.log2(max(N, 2)) + 2 * g
-    if beta + decay > 700:
-        return math.inf
     rnd = 2 * u * growth * math.sqrt(N * (n + m - 1) * m) * mag * math.exp(beta + decay)
     if input_dtype == "float32":
         rnd += 2 * UNIT_ROUNDOFF["float32"] * beta_abs
@@ -268,6 +268,8 @@ def choose_relative(
     Returns (certificate, terms, "") or, when no degree <= max_degree certifies tol, (None, None, why).
     A pinned ``degree`` is certified as it is, whatever tol.
     """
+    if not beta <= MAX_CERTIFIABLE_BETA:
+        return None, None, f"the score radius beta = {beta:.4g} is past {MAX_CERTIFIABLE_BETA:g} (no certificate)."
     d, nnz = support.d, support.nnz
     N = fft_length(n, m)
     wn = support.wnorm

@@ -7,6 +7,7 @@ from math import prod
 from types import MappingProxyType
 from typing import Any, Mapping
 
+from ..checks import shorten
 from ..errors import SpecError
 from .parser import ScoreEinsum, ValueEinsum, default_value_expr, parse_score, parse_value
 
@@ -42,23 +43,31 @@ class Spec:
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.isidentifier():
             raise SpecError(
-                f"spec name {self.name!r} must be a non-empty identifier such as 'my_spec'"
+                f"spec name {shorten(repr(self.name))} must be a non-empty identifier such as 'my_spec'"
             )
         parsed = parse_score(self.score)
         value = self.value if self.value is not None else default_value_expr(parsed)
+        if not isinstance(value, str):
+            raise SpecError(f"spec {self.name!r}: value einsum must be a string like 'je,ke->ie' or None, got "
+                            f"{type(value).__name__}")
         object.__setattr__(self, "value", value.replace(" ", ""))
         parse_value(self.value, parsed)
-        if self.positional not in POSITIONAL_KINDS:
+        if not (self.positional is None or isinstance(self.positional, str)) or self.positional not in POSITIONAL_KINDS:
             raise SpecError(
-                f"spec {self.name!r}: positional={self.positional!r} is not one of "
+                f"spec {self.name!r}: positional={shorten(repr(self.positional))} is not one of "
                 f"{POSITIONAL_KINDS}"
             )
         if self.positional is not None:
             if parsed.order != 2 or parsed.features != ("d", "d"):
                 raise SpecError(
                     f"spec {self.name!r}: positional={self.positional!r} needs the pairwise score "
-                    f"'id,jd->ij', got {self.score!r}"
+                    f"'id,jd->ij', got {shorten(repr(self.score))}"
                 )
+        if not isinstance(self.options, Mapping) or not all(isinstance(key, str) for key in self.options):
+            raise SpecError(f"spec {self.name!r}: options must be a dict {{option name: default}}, got "
+                            f"{shorten(repr(self.options))}")
+        if not isinstance(self.description, str):
+            raise SpecError(f"spec {self.name!r}: description must be a string, got {type(self.description).__name__}")
         object.__setattr__(self, "options", MappingProxyType(dict(self.options)))
 
     def __reduce__(self):
