@@ -7,9 +7,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-import numpy as np
 import torch
 
+from .checks import check_bool
 from .errors import InputError
 from .inputs import Operands, as_list, check_finite, prepare, to_tensor
 from .planning import GradientBound, Plan, certify_gradients, operand_maxima, plan_for
@@ -78,10 +78,14 @@ def run_plan(plan: Plan, ops: Operands) -> torch.Tensor:
     return registered()[plan.backend].run(plan, ops)
 
 
+#: the largest finite number of each result dtype
+_LARGEST = {name: float(torch.finfo(getattr(torch, name)).max)
+            for name in ("float16", "bfloat16", "float32", "float64")}
+
+
 def _fits(out: torch.Tensor, plan: Plan, ops: Operands) -> torch.Tensor:
     """``out`` when it fits in the caller's dtype; an InputError instead of an inf after the cast."""
-    dtype = ops.out_dtype
-    top = float(torch.finfo(dtype).max if isinstance(dtype, torch.dtype) else np.finfo(dtype).max)
+    top = _LARGEST[ops.out_dtype_name]
     if plan.vmax * 1.01 < top or out.numel() == 0:  # |out| <= vmax (up to the certified error)
         return out
     biggest = float(out.detach().abs().max())
@@ -99,6 +103,7 @@ def attend(spec: Spec, q: Any, k: Any, v: Any, request: Request, spec_options: M
     if not isinstance(spec, Spec) or not isinstance(request, Request):
         raise InputError(f"attend needs a ta.Spec and a ta.Request, got {type(spec).__name__} and "
                          f"{type(request).__name__}; ta.attention takes names and keywords")
+    return_info = check_bool("return_info", return_info)
     ops = prepare(spec, q, k, v, request, dict(spec_options or {}))
     plan = plan_for(ops, request)
     result = ops.restore(_fits(run_plan(plan, ops), plan, ops))

@@ -17,7 +17,7 @@ import shlex
 import sys
 from typing import Sequence
 
-from .bench.suites import SWEEP_BACKENDS
+from .bench.suites import PARTS, SUITES, SWEEP_BACKENDS
 
 EXIT_OK, EXIT_REFUSED, EXIT_ERROR = 0, 1, 2
 
@@ -112,7 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Run a benchmark suite; write results.json, results.csv, report.md and "
                                        "PNG plots. Any of --spec/--backend/--n/--d/--B/--tol/--causal replaces "
                                        "the suite's sweep by the product of the given values.")
-    bench.add_argument("--suite", default="default", help="default (< 3 min on 2 cores), full, or micro")
+    bench.add_argument("--suite", default="default", choices=tuple(SUITES), metavar="SUITE",
+                       help="default (< 3 min on 2 cores), full, or micro")
     bench.add_argument("--out", default="bench-results", help="output directory (default ./bench-results)")
     bench.add_argument("--spec", nargs="+", type=_spec_name, help="specs to sweep (e.g. pairwise triple rope)")
     bench.add_argument("--backend", nargs="+", choices=SWEEP_BACKENDS, metavar="BACKEND",
@@ -122,7 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--B", nargs="+", type=_ENTRY_BOUND, help="entry bounds (entries uniform in [-B, B], scale 1/d)")
     bench.add_argument("--tol", nargs="+", type=_TOL, help="poly tolerances in (0, 1)")
     bench.add_argument("--causal", nargs="+", type=_bool, help="causal flags (true/false)")
-    bench.add_argument("--parts", nargs="+", help="parts to run: sweep targets rank phase fixed needle gemm rss")
+    bench.add_argument("--parts", nargs="+", choices=PARTS, metavar="PART",
+                       help=f"parts to run: {' '.join(PARTS)}")
     bench.add_argument("--no-progress", action="store_true", help="no progress bars")
     bench.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     bench.add_argument("--threads", type=_POSITIVE, help="torch threads (default: torch's choice)")

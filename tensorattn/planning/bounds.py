@@ -78,7 +78,7 @@ def operand_maxima(ops: Operands) -> OperandMaxima:
             l2.append(_max_row_norm(flat, top) * _missing_factor(feats, se.contracted, ops.sizes))
             linf.append(top)
         wnorm = 1.0
-        if ops.rel is not None:
+        if ops.rel is not None and ops.rel.numel():
             wnorm = float(torch.linalg.matrix_norm(ops.rel.detach(), ord=2).max())
         vals = [float(v.detach().abs().max()) if v.numel() else 0.0 for v in ops.values]
     return OperandMaxima(tuple(l2), tuple(linf), tuple(vals), wnorm)

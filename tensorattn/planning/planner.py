@@ -18,7 +18,7 @@ from ..checks import check_int, check_number, shorten
 from ..errors import BoundError, InputError
 from ..inputs import Operands, check_finite, check_positions, to_tensor
 from ..registry import AUTO, Backend, backends_serving, registered
-from ..request import Problem, Request, default_scale
+from ..request import MAX_POSITION, Problem, Request, default_scale
 from ..spec import Spec, get_spec
 from .bounds import OperandMaxima, problem_for, threshold
 from .certificate import (
@@ -170,7 +170,10 @@ class Plan:
         """The dtypes the result passes through, from the one it is computed in to the caller's."""
         first = self.exact_dtype if self.backend == "exact" else (
             "float64" if self.relative is not None else self.certificate.feature_dtype)
-        return (first, self.problem.dtype, self.problem.result_dtype)
+        result = self.problem.result_dtype
+        # a float64 result cast to a half dtype may be rounded to float32 on the way: count both
+        via = ("float32",) if result in ("float16", "bfloat16") else ()
+        return (first, self.problem.dtype, *via, result)
 
     @property
     def error_bound(self) -> float | None:
@@ -222,8 +225,8 @@ class Plan:
             lines.append(f"  Polynomial:         none certifies tol {self.tol:.1e} within max_degree "
                          f"{self.request.max_degree}")
         bound = self.error_bound
-        if bound is not None and self.vmax > 0:
-            cast = bound - (self.compute_error or 0.0)
+        cast = 0.0 if bound is None else bound - (self.compute_error or 0.0)
+        if bound is not None and self.vmax > 0 and (self.backend != "poly" or cast > 0):
             lines.append(f"  Error bound:        {bound / self.vmax:.3e} * max|v| for {self.backend}'s "
                          f"{p.result_dtype} result" + (f" (of which {cast / self.vmax:.2e} the cast "
                                                        f"{' -> '.join(dict.fromkeys(self.cast_steps))})"
@@ -420,8 +423,8 @@ def plan(
     """
     spec = get_spec(spec)
     request, spec_options = Request.from_call(spec, **options)
-    n = check_int("n", n, low=1, hint="the number of queries")
-    m = n if m is None else check_int("m", m, low=1, hint="the number of keys per slot")
+    n = check_int("n", n, low=1, high=MAX_POSITION, hint="the number of queries")
+    m = n if m is None else check_int("m", m, low=1, high=MAX_POSITION, hint="the number of keys per slot")
     if sizes is None:
         if d is None:
             raise InputError("plan() needs d= (size of every contracted index) or sizes={letter: size}")

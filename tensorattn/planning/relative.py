@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -45,6 +45,38 @@ FFT_ERROR_CONSTANT = 5.0
 RELATIVE_OVERHEAD = 0.4
 
 
+class AllPairs(Sequence):
+    """Every pair (a, b) of a d x d matrix, in row-major order, without building them: a plan for
+    an unknown dense W of any d needs their count, and the list only when the rank is small."""
+
+    def __init__(self, d: int):
+        self.d = d
+
+    def __len__(self) -> int:
+        return self.d * self.d
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if not -len(self) <= i < len(self):
+            raise IndexError(i)
+        return divmod(i % len(self), self.d)
+
+    def __iter__(self):
+        return ((a, b) for a in range(self.d) for b in range(self.d))
+
+    def __hash__(self) -> int:
+        return hash(("all pairs", self.d))
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, AllPairs):
+            return other.d == self.d
+        return isinstance(other, tuple) and len(other) == len(self) and tuple(self) == other
+
+    def __repr__(self) -> str:
+        return f"AllPairs({self.d})"
+
+
 @dataclass(frozen=True)
 class RelativeSupport:
     """What the plan needs from W: its support, entrywise maxima and largest operator norm."""
@@ -58,8 +90,7 @@ class RelativeSupport:
     @classmethod
     def dense(cls, d: int, wnorm: float = 1.0) -> "RelativeSupport":
         """Unknown W with ||W_t||_2 <= wnorm: every pair, |W_t[a, b]| <= wnorm."""
-        pairs = tuple((a, b) for a in range(d) for b in range(d))
-        return cls(d, pairs, float(d * d * wnorm), float(d * wnorm), float(wnorm))
+        return cls(d, AllPairs(d), float(d * d * wnorm), float(d * wnorm), float(wnorm))
 
     @property
     def nnz(self) -> int:

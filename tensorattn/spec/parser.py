@@ -74,8 +74,9 @@ def _split(expr: str, what: str) -> tuple[list[str], str]:
         if not op:
             raise SpecError(f"{what} einsum {_q(expr)}: operand {pos} is empty")
         if len(set(op)) != len(op):
+            repeated = next(ch for i, ch in enumerate(op) if ch in op[:i])
             raise SpecError(
-                f"{what} einsum {_q(expr)}: operand {pos} ({_q(op)}) repeats an index; traces and "
+                f"{what} einsum {_q(expr)}: operand {pos} repeats index {repeated!r}; traces and "
                 "diagonals are not supported"
             )
     if len(set(rhs)) != len(rhs):
