@@ -4,6 +4,8 @@ nothing themselves: Spec + Request -> Operands (validation) -> Plan -> Backend -
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -75,7 +77,15 @@ def run_plan(plan: Plan, ops: Operands) -> torch.Tensor:
         if ops.tracks_grad:  # keep the result in the graph: every input gets a zero gradient
             out = out + sum(t.sum() for t in ops.tensors if t.requires_grad) * 0.0
         return out
-    return registered()[plan.backend].run(plan, ops)
+    backend = registered()[plan.backend]
+    divisors = plan.value_divisors
+    if all(c == 1.0 for c in divisors):
+        return backend.run(plan, ops)
+    # values far from 1: run on values near 1 (powers of two, exact) and scale the result back in
+    # float64, where the factor is representable, rounding once to the compute dtype
+    ops = dataclasses.replace(ops, values=tuple(v / c for v, c in zip(ops.values, divisors)))
+    out = backend.run(plan, ops)
+    return (out.to(torch.float64) * math.prod(divisors)).to(out.dtype)
 
 
 #: the largest finite number of each result dtype
@@ -123,6 +133,11 @@ def attention(q: Any, k: Any, v: Any, *, spec: str | Spec = "pairwise", return_i
     ``Request`` settings (``backend``, ``tol``, ``causal``, ``scale``, ``on_unbounded``,
     ``max_degree``, ``q_offset`` ...; see ``ta.Request`` for each one and its default) and the
     spec's own options (``rope_base``, ``rel`` ...). See docs/index.md and docs/design.md.
+
+    Bad input raises a ``ta.TensorAttnError`` (``SpecError``, ``InputError``, ``BoundError``) that
+    names the argument, the value and what is allowed; the table in docs/index.md ("Errors") says
+    which and when. ``info.error_bound`` bounds max|out - exact| for the array returned, the cast
+    to the dtype of q included.
 
     >>> import numpy as np, tensorattn as ta
     >>> rng = np.random.default_rng(0)

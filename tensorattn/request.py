@@ -143,8 +143,8 @@ class Problem:
     |score|, ``B`` is the papers' entry bound, ``vmax`` bounds |value of a key tuple|. ``dtype`` is
     the compute dtype of the inputs ("float32" or "float64"), ``out_dtype`` the dtype of the result
     the caller receives (None: ``dtype``). ``linf`` is max |entry| of each score operand, query
-    first (the numeric range of the scores). For spec ``relative``, ``relative`` is the support of
-    W and ``alibi_slope`` its decay.
+    first (the numeric range of the scores), ``value_linf`` that of each value operand. For spec
+    ``relative``, ``relative`` is the support of W and ``alibi_slope`` its decay.
     """
 
     spec: Spec
@@ -166,6 +166,7 @@ class Problem:
     alibi_slope: float = 0.0
     out_dtype: str | None = None
     linf: tuple[float, ...] = ()
+    value_linf: tuple[float, ...] = ()
 
     @property
     def order(self) -> int:

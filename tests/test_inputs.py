@@ -127,7 +127,8 @@ def test_rope_options_and_rotation():
     assert torch.allclose(ops.q[0, 0], torch.from_numpy(q[0]))
     _raises("rope needs an even head dim d", ROPE, *random_inputs("rope", n=4, d=3))
     _raises("rope_base=inf must be a finite number", ROPE, q, k, v, rope_base=float("inf"))
-    _raises("rope_base=0 must be a finite number in (0", ROPE, q, k, v, rope_base=0)
+    _raises("rope_base=0 must be a finite number in [1, inf)", ROPE, q, k, v, rope_base=0)
+    _raises("rope_base=0.5 must be a finite number in [1, inf)", ROPE, q, k, v, rope_base=0.5)
     _raises("rope_layout='split' is not one of 'half', 'interleaved'", ROPE, q, k, v, rope_layout="split")
 
 

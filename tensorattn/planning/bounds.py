@@ -26,6 +26,7 @@ class InputStats:
     vmax: float  # bound on |combined value| for one key tuple
     n_max: int
     linf: tuple[float, ...] = ()  # max |entry| of each score operand (query first)
+    value_linf: tuple[float, ...] = ()  # max |entry| of each value operand
 
 
 def _missing_factor(feats: str, contracted: tuple[str, ...], sizes: dict[str, int]) -> float:
@@ -99,7 +100,7 @@ def input_stats(ops: Operands, maxima: OperandMaxima | None = None) -> InputStat
     B = (scale * D * prod_entries) ** (1.0 / spec.order)
     ve = spec.value_einsum
     vmax = math.prod(vals) * math.prod(ops.value_sizes[c] for c in ve.summed)
-    return InputStats(beta=beta, B=B, vmax=vmax, n_max=max(ops.n, *ops.ms), linf=tuple(linf))
+    return InputStats(beta=beta, B=B, vmax=vmax, n_max=max(ops.n, *ops.ms), linf=tuple(linf), value_linf=tuple(vals))
 
 
 def problem_for(ops: Operands, request: Request, *, maxima: OperandMaxima | None = None, n: int | None = None,
@@ -115,4 +116,5 @@ def problem_for(ops: Operands, request: Request, *, maxima: OperandMaxima | None
         dtype="float64" if ops.dtype == torch.float64 else "float32", need_grad=need_grad,
         q_offset=ops.q_offset, relative=relative_support(ops.rel, ops.D) if ops.rel is not None else None,
         alibi_slope=ops.alibi_slope, out_dtype=ops.out_dtype_name, linf=tuple(stats.linf),
+        value_linf=tuple(stats.value_linf),
     )

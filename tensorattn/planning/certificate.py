@@ -134,6 +134,19 @@ def certify_degree(approx: Approximant, beta: float, g: int, D: int, m: int, ord
     return certify(approx, beta, g, D, m, order, dtype)
 
 
+def rotation_error(problem: Problem) -> float:
+    """Bound on max|out - exact| / vmax from the RoPE rotation (spec ``rope``), for every backend:
+    cos and sin are evaluated in float64 from float64 angles (position * base^(-2l/d), off by at
+    most u64 * angle <= u64 * last position for base >= 1) and rounded to the compute dtype, so every
+    rotated coordinate errs by a few u |x|; the scores move by at most
+    ds = beta (8 u + 2 u64 * last position), every weight by a factor within e^(+-2 ds)."""
+    if problem.spec.positional != "rope":
+        return 0.0
+    last = problem.q_offset + problem.n + max(problem.ms)
+    ds = problem.beta * (8 * UNIT_ROUNDOFF[problem.dtype] + 2 * last * UNIT_ROUNDOFF["float64"])
+    return output_error(math.expm1(min(2 * ds, 700.0)))
+
+
 def cast_error(magnitude: float, steps: Sequence[str]) -> float:
     """Bound on the error of rounding a result with |x| <= ``magnitude`` through the dtypes
     ``steps`` (from the dtype it is computed in to the dtype the caller receives): every narrowing
@@ -181,14 +194,13 @@ def exact_error(problem: Problem, dtype: str) -> float:
         beta_abs, terms = beta * max(1.0, ratio), problem.D * problem.D
     else:
         beta_abs, terms = beta, problem.D
-    rotation = 8 if spec.positional == "rope" else 0  # q and k rotated in the compute dtype first
     blocks = exact_key_blocks(problem.ms)
     per_block = math.prod(blocks)
     n_blocks = math.prod(-(-m // b) for m, b in zip(problem.ms, blocks))
     tuples = math.prod(problem.ms)
     # relative error of every weight exp(s - max): the score (a sum of `terms` products of k
     # factors, times scale), the subtraction and exp (|s - max| <= 2 beta), one rescale per block
-    eps = u * ((terms + k + 2 + rotation) * beta_abs + 4 * beta_abs + 4 + 3 * n_blocks)
+    eps = u * ((terms + k + 2) * beta_abs + 4 * beta_abs + 4 + 3 * n_blocks)
     err = output_error(eps)
     if problem.alibi_slope:
         # a bias b <= 0 errs by ~4u|b| relatively; weighted by e^b e^s over a normalizer >= e^-beta,

@@ -24,6 +24,7 @@ from .bounds import OperandMaxima, problem_for, threshold
 from .certificate import (
     FLOAT32_SAFE_RANGE,
     FLOAT64_SAFE_RANGE,
+    SUBNORMAL_ERROR,
     Certificate,
     cast_error,
     certify_degree,
@@ -31,6 +32,7 @@ from .certificate import (
     exact_dtype,
     exact_error,
     numeric_range,
+    rotation_error,
 )
 from .cost import POLY_OVERHEAD, exact_flops, poly_flops
 from .relative import (
@@ -150,20 +152,28 @@ class Plan:
         A score is homogeneous in every operand, s = scale * <x_0, ..., x_{k-1}>, so dividing x_m by
         c_m and multiplying the scale by prod c_m changes only magnitudes: the polynomial features
         stay near 1 instead of overflowing (|x|^g) or underflowing, and no rounding is added."""
-        linf = self.problem.linf or (1.0,) * self.order
-        if all(x == 0.0 or 2.0 ** -16 <= x <= 2.0 ** 16 for x in linf):
-            return (1.0,) * len(linf)
-        return tuple(2.0 ** math.floor(math.log2(x)) if x > 0 else 1.0 for x in linf)
+        return _powers_of_two(self.problem.linf or (1.0,) * self.order)
+
+    @property
+    def value_divisors(self) -> tuple[float, ...]:
+        """A power of two near max |entry| of each value operand (1.0 near 1). The result is linear
+        in every value slot, so the backends run on values near 1 (no underflow in products of
+        tiny values, no overflow of large ones) and the result is multiplied back exactly."""
+        return _powers_of_two(self.problem.value_linf or (1.0,) * (self.order - 1))
 
     @property
     def compute_error(self) -> float | None:
         """Certified bound on max|out - exact| of the result in the dtype it is computed in (the
-        feature dtype for poly): approximation and roundoff, before any cast; None without a certificate."""
+        feature dtype for poly): approximation and roundoff, before any cast, the RoPE rotation
+        (spec ``rope``) and half a subnormal for the power-of-two rescaling of the values; None
+        without a certificate."""
         if self.backend == "exact":
-            return exact_error(self.problem, self.exact_dtype) * self.vmax
-        if self.backend == "poly" and self.certificate is not None:
-            return self.certificate.output_error * self.vmax
-        return None
+            err = exact_error(self.problem, self.exact_dtype) * self.vmax
+        elif self.backend == "poly" and self.certificate is not None:
+            err = self.certificate.output_error * self.vmax
+        else:
+            return None
+        return err + rotation_error(self.problem) * self.vmax + SUBNORMAL_ERROR[self.problem.dtype]
 
     @property
     def cast_steps(self) -> tuple[str, ...]:
@@ -385,6 +395,13 @@ def plan_for(ops: Operands, request: Request, *, maxima: OperandMaxima | None = 
     """The plan for validated operands. A sequence-parallel caller passes the global operand
     ``maxima`` and sizes ``n``, ``ms``, so that every shard plans the whole sequence."""
     return make_plan(problem_for(ops, request, maxima=maxima, n=n, ms=ms), request)
+
+
+def _powers_of_two(maxima: tuple[float, ...]) -> tuple[float, ...]:
+    """2^floor(log2 x) for every max |entry| x, or all 1.0 when each is 0 or within [2^-16, 2^16]."""
+    if all(x == 0.0 or 2.0 ** -16 <= x <= 2.0 ** 16 for x in maxima):
+        return (1.0,) * len(maxima)
+    return tuple(2.0 ** math.floor(math.log2(x)) if x > 0 else 1.0 for x in maxima)
 
 
 def _power(x: float, k: int) -> float:

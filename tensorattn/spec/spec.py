@@ -12,6 +12,11 @@ from ..errors import SpecError
 from .parser import ScoreEinsum, ValueEinsum, default_value_expr, parse_score, parse_value
 
 POSITIONAL_KINDS = (None, "rope", "relative")
+#: the options every spec of a positional kind has, with their defaults (a spec may override them)
+POSITIONAL_OPTIONS = {
+    "rope": {"rope_base": 10000.0, "rope_layout": "interleaved"},
+    "relative": {"rel": None, "alibi_slope": None},
+}
 
 
 @dataclass(frozen=True)
@@ -68,7 +73,8 @@ class Spec:
                             f"{shorten(repr(self.options))}")
         if not isinstance(self.description, str):
             raise SpecError(f"spec {self.name!r}: description must be a string, got {type(self.description).__name__}")
-        object.__setattr__(self, "options", MappingProxyType(dict(self.options)))
+        options = {**POSITIONAL_OPTIONS.get(self.positional, {}), **self.options}
+        object.__setattr__(self, "options", MappingProxyType(options))
 
     def __reduce__(self):
         # the options mapping is a read-only proxy, which pickle cannot copy; rebuild from a dict
