@@ -67,6 +67,24 @@ class AttentionInfo:
         )
 
 
+def _guard_gradients(ops: Operands, backend: str) -> None:
+    """Make a non-finite gradient an InputError raised from ``backward()``: at extreme magnitudes
+    (scores far past any useful range) a gradient may overflow although the output did not."""
+    def check(grad: torch.Tensor | None) -> torch.Tensor | None:
+        if grad is not None and not bool(torch.isfinite(grad).all()):
+            raise InputError(
+                f"backend={backend!r}: the gradient overflowed in {grad.dtype} at these inputs although the "
+                "output is finite (the scores are so large that softmax is a hard argmax, whose gradient is "
+                "ill-conditioned). Fix: rescale q and the keys (or the scale) toward magnitude 1, or use float64"
+            )
+        return grad
+
+    if ops.tracks_grad:
+        for t in ops.tensors:
+            if t.requires_grad:
+                t.register_hook(check)
+
+
 def run_plan(plan: Plan, ops: Operands) -> torch.Tensor:
     """Run the backend the plan chose on validated operands: (Z, n, *values) in the compute dtype.
 
@@ -78,6 +96,7 @@ def run_plan(plan: Plan, ops: Operands) -> torch.Tensor:
             out = out + sum(t.sum() for t in ops.tensors if t.requires_grad) * 0.0
         return out
     backend = registered()[plan.backend]
+    _guard_gradients(ops, plan.backend)
     divisors = plan.value_divisors
     if all(c == 1.0 for c in divisors):
         return backend.run(plan, ops)

@@ -190,7 +190,8 @@ def test_plan_repr_reads_like_a_report():
     "kwargs, fragment",
     [
         (dict(n=-5, d=8, bound=1.0), "n=-5 must be an int >= 1"),
-        (dict(n=1024.0, d=8, bound=1.0), "n=1024.0 must be an int >= 1 (got a float; pass 1024)"),
+        (dict(n=1024.0, d=8, bound=1.0), "n=1024.0 must be an int >= 1 and <= 9,007,199,254,740,992 (got a float; "
+                                         "pass 1024)"),
         (dict(n=64, d=0, bound=1.0), "d=0 must be an int >= 1"),
         (dict(n=64, m=0, d=4, bound=1.0), "m=0 must be an int >= 1"),
         (dict(n=64, d=4, bound=-1.0), "bound=-1.0 must be a finite number in [0"),

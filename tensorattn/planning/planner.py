@@ -13,6 +13,7 @@ import warnings
 from dataclasses import dataclass, replace
 from typing import Any, Mapping
 
+from .. import positional
 from ..approx.polynomials import get_approximant
 from ..checks import check_int, check_number, shorten
 from ..errors import BoundError, InputError
@@ -440,6 +441,7 @@ def plan(
     """
     spec = get_spec(spec)
     request, spec_options = Request.from_call(spec, **options)
+    spec_options = positional.check_options(spec.positional, spec_options)
     n = check_int("n", n, low=1, high=MAX_POSITION, hint="the number of queries")
     m = n if m is None else check_int("m", m, low=1, high=MAX_POSITION, hint="the number of keys per slot")
     if sizes is None:
