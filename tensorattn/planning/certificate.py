@@ -61,7 +61,8 @@ def roundoff_estimate(approx: Approximant, beta: float, g: int, rank: int, m: in
     of its square root).
     """
     u = UNIT_ROUNDOFF[dtype]
-    return u * (2 * g + 4 * math.sqrt(rank + m)) * approx.abs_sum(beta, g) * math.exp(beta) * max(1, order - 1)
+    terms = math.sqrt(min(rank + m, 2**1000))  # a rank past 2^1000 is refused by max_rank anyway
+    return u * (2 * g + 4 * terms) * approx.abs_sum(beta, g) * math.exp(beta) * max(1, order - 1)
 
 
 def gradient_factor(eps: float, deps: float) -> float:

@@ -447,16 +447,16 @@ def plan(
     if sizes is None:
         if d is None:
             raise InputError("plan() needs d= (size of every contracted index) or sizes={letter: size}")
-        d = check_int("d", d, low=1, hint="the size of every contracted index")
+        d = check_int("d", d, low=1, high=MAX_POSITION, hint="the size of every contracted index")
         sizes = {c: d for c in spec.contracted}
     if not isinstance(sizes, Mapping):
         raise InputError(f"sizes={shorten(repr(sizes))} must be a dict {{index letter: size}}, e.g. {{'d': 8}}")
     missing = [c for c in spec.contracted if c not in sizes]
     if missing:
         raise InputError(f"plan(): sizes has no entry for contracted index {missing[0]!r} of {spec.score!r}")
-    sizes = {c: check_int(f"sizes[{c!r}]", s, low=1) for c, s in sizes.items()}
-    e = (d or 1) if e is None else check_int("e", e, low=0, hint="the value size")
-    batch = check_int("batch", batch, low=1)
+    sizes = {c: check_int(f"sizes[{c!r}]", s, low=1, high=MAX_POSITION) for c, s in sizes.items()}
+    e = (d or 1) if e is None else check_int("e", e, low=0, high=MAX_POSITION, hint="the value size")
+    batch = check_int("batch", batch, low=1, high=MAX_POSITION)
     dtype_name = str(dtype).rsplit(".", 1)[-1] if not isinstance(dtype, str) else dtype
     if dtype_name not in PLAN_DTYPES:
         raise InputError(f"dtype={shorten(repr(dtype))} must be one of {', '.join(map(repr, PLAN_DTYPES))} (the "
