@@ -5,14 +5,15 @@ nothing themselves: Spec + Request -> Operands (validation) -> Plan -> Backend -
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-import numpy as np
 import torch
 
+from .checks import check_bool
 from .errors import InputError
-from .inputs import Operands, prepare
+from .inputs import Operands, as_list, check_finite, prepare, to_tensor
 from .planning import GradientBound, Plan, certify_gradients, operand_maxima, plan_for
 from .registry import registered
 from .request import Request, with_call_signature
@@ -66,20 +67,76 @@ class AttentionInfo:
         )
 
 
+def _guard_gradients(ops: Operands, backend: str) -> None:
+    """Make a non-finite gradient an InputError raised from ``backward()``: at extreme magnitudes
+    (scores far past any useful range) a gradient may overflow although the output did not."""
+    def check(grad: torch.Tensor | None) -> torch.Tensor | None:
+        if grad is not None and not bool(torch.isfinite(grad).all()):
+            raise InputError(
+                f"backend={backend!r}: the gradient overflowed in {grad.dtype} at these inputs although the "
+                "output is finite (the scores are so large that softmax is a hard argmax, whose gradient is "
+                "ill-conditioned). Fix: rescale q and the keys (or the scale) toward magnitude 1, or use float64"
+            )
+        return grad
+
+    if ops.tracks_grad:
+        for t in ops.tensors:
+            if t.requires_grad:
+                t.register_hook(check)
+
+
 def run_plan(plan: Plan, ops: Operands) -> torch.Tensor:
-    """Run the backend the plan chose on validated operands: (Z, n, *values) in the compute dtype."""
-    if ops.n == 0 or ops.q.shape[0] == 0:
-        return ops.q.new_zeros(ops.q.shape[0], ops.n, *ops.out_value_shape)
-    return registered()[plan.backend].run(plan, ops)
+    """Run the backend the plan chose on validated operands: (Z, n, *values) in the compute dtype.
+
+    With no query, no batch entry, or an empty value operand (a value index of size 0: the output
+    is empty, or sums over nothing) the result is zeros of the right shape for every backend."""
+    if ops.n == 0 or ops.q.shape[0] == 0 or any(v.numel() == 0 for v in ops.values):
+        out = ops.q.new_zeros(ops.q.shape[0], ops.n, *ops.out_value_shape)
+        if ops.tracks_grad:  # keep the result in the graph: every input gets a zero gradient
+            out = out + sum(t.sum() for t in ops.tensors if t.requires_grad) * 0.0
+        return out
+    backend = registered()[plan.backend]
+    _guard_gradients(ops, plan.backend)
+    divisors = plan.value_divisors
+    if all(c == 1.0 for c in divisors):
+        return backend.run(plan, ops)
+    # values far from 1: run on values near 1 (powers of two, exact) and scale the result back in
+    # float64, where the factor is representable, rounding once to the compute dtype
+    ops = dataclasses.replace(ops, values=tuple(v / c for v, c in zip(ops.values, divisors)))
+    out = backend.run(plan, ops)
+    return (out.to(torch.float64) * math.prod(divisors)).to(out.dtype)
+
+
+#: the largest finite number of each result dtype
+_LARGEST = {name: float(torch.finfo(getattr(torch, name)).max)
+            for name in ("float16", "bfloat16", "float32", "float64")}
+
+
+def _fits(out: torch.Tensor, plan: Plan, ops: Operands) -> torch.Tensor:
+    """``out`` when it fits in the caller's dtype; an InputError instead of an inf after the cast."""
+    top = _LARGEST[ops.out_dtype_name]
+    if plan.vmax * 1.01 < top or out.numel() == 0:  # |out| <= vmax (up to the certified error)
+        return out
+    biggest = float(out.detach().abs().max())
+    if biggest > top:
+        raise InputError(
+            f"the result has entries up to {biggest:.4g}, beyond the largest {ops.out_dtype_name} ({top:.4g}); it "
+            f"would come back as inf. Fix: pass q in a wider dtype (the result takes q's dtype) or rescale the values"
+        )
+    return out
 
 
 def attend(spec: Spec, q: Any, k: Any, v: Any, request: Request, spec_options: Mapping[str, Any] | None = None,
            *, return_info: bool = False, key_padding_mask: Any = None, attn_mask: Any = None):
     """``attention`` for a resolved spec and a validated Request (the nn modules call this)."""
+    if not isinstance(spec, Spec) or not isinstance(request, Request):
+        raise InputError(f"attend needs a ta.Spec and a ta.Request, got {type(spec).__name__} and "
+                         f"{type(request).__name__}; ta.attention takes names and keywords")
+    return_info = check_bool("return_info", return_info)
     ops = prepare(spec, q, k, v, request, dict(spec_options or {}), key_padding_mask=key_padding_mask,
                   attn_mask=attn_mask)
     plan = plan_for(ops, request)
-    result = ops.restore(run_plan(plan, ops))
+    result = ops.restore(_fits(run_plan(plan, ops), plan, ops))
     if return_info:
         return result, AttentionInfo.from_plan(plan, certify_gradients(plan, ops, operand_maxima(ops)))
     return result
@@ -105,6 +162,11 @@ def attention(q: Any, k: Any, v: Any, *, spec: str | Spec = "pairwise", return_i
     the same for every query as a key mask, any other on exact only. A query whose key tuples are
     all masked gets 0 (docs/index.md#masks).
 
+    Bad input raises a ``ta.TensorAttnError`` (``SpecError``, ``InputError``, ``BoundError``) that
+    names the argument, the value and what is allowed; the table in docs/index.md ("Errors") says
+    which and when. ``info.error_bound`` bounds max|out - exact| for the array returned, the cast
+    to the dtype of q included.
+
     >>> import numpy as np, tensorattn as ta
     >>> rng = np.random.default_rng(0)
     >>> q, k, v = (rng.uniform(-1, 1, (2, 128, 8)).astype("float32") for _ in range(3))
@@ -121,15 +183,16 @@ def attention(q: Any, k: Any, v: Any, *, spec: str | Spec = "pairwise", return_i
                   key_padding_mask=key_padding_mask, attn_mask=attn_mask)
 
 
-def _unit_values(spec: Spec, k: Any) -> tuple[Spec, Any]:
-    """The spec under the default value einsum and unit values: for calls that need no values."""
+def _unit_values(spec: Spec, k: Any) -> tuple[Spec, Any, Any]:
+    """The spec under the default value einsum, the keys as tensors and unit values: for calls that
+    need no values."""
     spec = Spec(spec.name, spec.score, positional=spec.positional, options=spec.options,
                 coefficients=spec.coefficients, block_sizes=spec.block_sizes)
-    keys = list(k) if spec.order > 2 else [k]
-    device = next((x.device for x in keys if isinstance(x, torch.Tensor)), None)
-    v = [torch.ones(*tuple(np.shape(x))[: np.ndim(x) - len(f)], 1, device=device)
+    keys = [to_tensor(x, "k" if spec.order == 2 else f"k[{i}]")[0]
+            for i, x in enumerate(as_list(k, "k", spec.order - 1, spec))]
+    v = [torch.ones(*x.shape[: max(0, x.ndim - len(f))], 1, dtype=x.dtype, device=x.device)
          for x, f in zip(keys, spec.slots.features[1:])]
-    return spec, (v[0] if spec.order == 2 else v)
+    return (spec, keys[0], v[0]) if spec.order == 2 else (spec, tuple(keys), tuple(v))
 
 
 def weights_for(spec: Spec, q: Any, k: Any, request: Request, spec_options: Mapping[str, Any] | None = None, *,
@@ -142,7 +205,7 @@ def weights_for(spec: Spec, q: Any, k: Any, request: Request, spec_options: Mapp
             "Fix: backend='exact' (or 'auto') for this call, or return_info=True for the plan and its bounds"
         )
     request = dataclasses.replace(request, backend="exact")
-    spec_obj, v = _unit_values(spec, k)
+    spec_obj, k, v = _unit_values(spec, k)
     ops = prepare(spec_obj, q, k, v, request, dict(spec_options or {}), key_padding_mask=key_padding_mask,
                   attn_mask=attn_mask)
     plan = plan_for(ops, request)
@@ -186,10 +249,14 @@ def grad_bound_for(info: AttentionInfo, d_out: Any, *, by_input: bool = False) -
     is in docs/torch.md. Gradients w.r.t. ``rel`` (W) are not covered, nor the rounding of a cast
     back to fp16/bf16. Returns None where the backend has no certificate.
     """
+    if not isinstance(info, AttentionInfo):
+        raise InputError(f"grad_bound_for needs the AttentionInfo of a call (return_info=True), got "
+                         f"{type(info).__name__}")
     if info.grad is None:
         return None
-    t = torch.as_tensor(np.asarray(d_out) if not isinstance(d_out, torch.Tensor) else d_out).detach()
-    t = t.to(torch.float64).abs()
+    t = to_tensor(d_out, "d_out")[0].detach().to(torch.float64)
+    check_finite(t, "d_out")
+    t = t.abs()
     lead = t.ndim - len(info.plan.spec.value_einsum.out_letters)  # rows dO_i: one per query token
     l1 = float(t.reshape(*t.shape[:lead], -1).sum(-1).max()) if t.numel() else 0.0
     bounds = info.grad.for_upstream(l1, float(t.max()) if t.numel() else 0.0)
@@ -205,6 +272,6 @@ def check_bounds(q: Any, k: Any, v: Any = None, *, spec: str | Spec = "pairwise"
     spec_obj = get_spec(spec)
     request, spec_options = Request.from_call(spec_obj, **options)
     if v is None:  # the check needs no values: plan with unit values under the default value einsum
-        spec_obj, v = _unit_values(spec_obj, k)
+        spec_obj, k, v = _unit_values(spec_obj, k)
     return plan_for(prepare(spec_obj, q, k, v, request, spec_options, key_padding_mask=key_padding_mask,
                             attn_mask=attn_mask), request)

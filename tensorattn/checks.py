@@ -14,8 +14,12 @@ from .errors import InputError, valid_names
 
 
 def _show(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
+    return shorten(repr(value))
+
+
+def shorten(text: str, limit: int = 80) -> str:
+    """``text`` cut to about ``limit`` characters, saying how long it was (messages echo user input)."""
+    return text if len(text) <= limit else f"{text[: limit - 20]}... ({len(text):,} characters)"
 
 
 def is_number(value: Any) -> bool:
@@ -31,9 +35,12 @@ def is_int(value: Any) -> bool:
 def check_number(name: str, value: Any, *, low: float | None = None, high: float | None = None,
                  low_open: bool = False, high_open: bool = False, hint: str = "") -> float:
     """A finite real number in the given range, returned as a Python float."""
-    ok = is_number(value) and math.isfinite(float(value))
+    try:
+        x = float(value) if is_number(value) else math.nan
+    except (OverflowError, ValueError, TypeError):  # e.g. an int too large for a float
+        x = math.nan
+    ok = math.isfinite(x)
     if ok:
-        x = float(value)
         if low is not None and (x < low or (low_open and x == low)):
             ok = False
         if high is not None and (x > high or (high_open and x == high)):
@@ -44,13 +51,15 @@ def check_number(name: str, value: Any, *, low: float | None = None, high: float
         where = f" in {lo or '(-inf'}, {hi or 'inf)'}" if (low is not None or high is not None) else ""
         kind = " (a bool is not a number)" if isinstance(value, (bool, np.bool_)) else ""
         raise InputError(f"{name}={_show(value)} must be a finite number{where}{kind}" + (f"; {hint}" if hint else ""))
-    return float(value)
+    return x
 
 
-def check_int(name: str, value: Any, *, low: int | None = None, hint: str = "") -> int:
-    """An integer >= ``low``, returned as a Python int."""
-    if not is_int(value) or (low is not None and int(value) < low):
+def check_int(name: str, value: Any, *, low: int | None = None, high: int | None = None, hint: str = "") -> int:
+    """An integer in [``low``, ``high``], returned as a Python int."""
+    if not is_int(value) or (low is not None and int(value) < low) or (high is not None and int(value) > high):
         bound = "" if low is None else f" >= {low}"
+        if high is not None:
+            bound += (" and" if bound else "") + f" <= {high:,}"
         kind = " (a bool is not a number)" if isinstance(value, (bool, np.bool_)) else ""
         if isinstance(value, float) and value.is_integer():
             kind = f" (got a float; pass {int(value)})"

@@ -17,6 +17,8 @@ import shlex
 import sys
 from typing import Sequence
 
+from .bench.suites import PARTS, SUITES, SWEEP_BACKENDS
+
 EXIT_OK, EXIT_REFUSED, EXIT_ERROR = 0, 1, 2
 
 
@@ -30,17 +32,68 @@ def _bool(text: str) -> bool:
 
 
 def _scale(text: str):
-    """A number, or '1/d' / '1/sqrt(d)' (resolved once D is known)."""
+    """A finite number, or '1/d' / '1/sqrt(d)' (resolved once D is known)."""
     low = text.replace(" ", "").lower()
     if low in ("1/d", "1/sqrt(d)"):
         return low
     try:
         if "/" in low:  # e.g. 1/8
             num, den = low.split("/", 1)
-            return float(num) / float(den)
-        return float(low)
+            value = float(num) / float(den)
+        else:
+            value = float(low)
     except (ValueError, ZeroDivisionError):
-        raise argparse.ArgumentTypeError(f"--scale expects a number, '1/d' or '1/sqrt(d)', got {text!r}") from None
+        value = math.nan
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expects a finite number, '1/d' or '1/sqrt(d)', got {text!r}")
+    return value
+
+
+def _int_at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low:
+            raise argparse.ArgumentTypeError(f"expects an integer >= {low}, got {text!r}")
+        return value
+
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
+def _float_in(low: float, high: float | None = None, *, open_low: bool = False):
+    """A finite float in [low, high) ((low, high) with open_low)."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        ok = math.isfinite(value) and (value > low if open_low else value >= low) and (high is None or value < high)
+        if not ok:
+            where = f"{'(' if open_low else '['}{low:g}, {'inf' if high is None else f'{high:g}'})"
+            raise argparse.ArgumentTypeError(f"expects a finite number in {where}, got {text!r}")
+        return value
+
+    parse.__name__ = "number"
+    return parse
+
+
+def _spec_name(text: str) -> str:
+    from .errors import SpecError
+    from .spec import get_spec
+
+    try:
+        get_spec(text)
+    except SpecError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+_POSITIVE = _int_at_least(1)
+_ENTRY_BOUND = _float_in(0.0)
+_TOL = _float_in(0.0, 1.0, open_low=True)
 
 
 def _resolve_scale(scale, D: int) -> float | None:
@@ -59,36 +112,40 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Run a benchmark suite; write results.json, results.csv, report.md and "
                                        "PNG plots. Any of --spec/--backend/--n/--d/--B/--tol/--causal replaces "
                                        "the suite's sweep by the product of the given values.")
-    bench.add_argument("--suite", default="default", help="default (< 3 min on 2 cores), full, or micro")
+    bench.add_argument("--suite", default="default", choices=tuple(SUITES), metavar="SUITE",
+                       help="default (< 3 min on 2 cores), full, or micro")
     bench.add_argument("--out", default="bench-results", help="output directory (default ./bench-results)")
-    bench.add_argument("--spec", nargs="+", help="specs to sweep (e.g. pairwise triple rope)")
-    bench.add_argument("--backend", nargs="+", help="backends to sweep (poly exact sdpa favor taylor2)")
-    bench.add_argument("--n", nargs="+", type=int, help="sequence lengths")
-    bench.add_argument("--d", nargs="+", type=int, help="head dims")
-    bench.add_argument("--B", nargs="+", type=float, help="entry bounds (entries uniform in [-B, B], scale 1/d)")
-    bench.add_argument("--tol", nargs="+", type=float, help="poly tolerances")
+    bench.add_argument("--spec", nargs="+", type=_spec_name, help="specs to sweep (e.g. pairwise triple rope)")
+    bench.add_argument("--backend", nargs="+", choices=SWEEP_BACKENDS, metavar="BACKEND",
+                       help=f"backends to sweep ({' '.join(SWEEP_BACKENDS)})")
+    bench.add_argument("--n", nargs="+", type=_POSITIVE, help="sequence lengths")
+    bench.add_argument("--d", nargs="+", type=_POSITIVE, help="head dims")
+    bench.add_argument("--B", nargs="+", type=_ENTRY_BOUND, help="entry bounds (entries uniform in [-B, B], scale 1/d)")
+    bench.add_argument("--tol", nargs="+", type=_TOL, help="poly tolerances in (0, 1)")
     bench.add_argument("--causal", nargs="+", type=_bool, help="causal flags (true/false)")
-    bench.add_argument("--parts", nargs="+", help="parts to run: sweep targets rank phase fixed needle gemm rss")
+    bench.add_argument("--parts", nargs="+", choices=PARTS, metavar="PART",
+                       help=f"parts to run: {' '.join(PARTS)}")
     bench.add_argument("--no-progress", action="store_true", help="no progress bars")
     bench.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
-    bench.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    bench.add_argument("--threads", type=_POSITIVE, help="torch threads (default: torch's choice)")
 
     check = sub.add_parser("check", help="print the plan / bound check; exit 1 when poly is refused",
                            description="Explain how tensorattn would compute a call and whether the polynomial "
                                        "method is allowed (exit 0) or refused (exit 1).")
     check.add_argument("--spec", default="pairwise", help="spec name (default pairwise)")
-    check.add_argument("--n", type=int, help="number of queries")
-    check.add_argument("--m", type=int, help="number of keys per slot (default n)")
-    check.add_argument("--d", type=int, help="size of every contracted index")
-    check.add_argument("--B", type=float, help="largest |entry| of q and the keys")
+    check.add_argument("--n", type=_POSITIVE, help="number of queries")
+    check.add_argument("--m", type=_POSITIVE, help="number of keys per slot (default n)")
+    check.add_argument("--d", type=_POSITIVE, help="size of every contracted index")
+    check.add_argument("--B", type=_ENTRY_BOUND, help="largest |entry| of q and the keys")
     check.add_argument("--npz", help=".npz with arrays q, k (or k1, k2, ...) and optionally v (or v1, v2, ...)")
-    check.add_argument("--tol", type=float, default=1e-3, help="certified max|out - exact| / max|v| (1e-3)")
+    check.add_argument("--tol", type=_TOL, default=1e-3, help="certified max|out - exact| / max|v| (1e-3)")
     check.add_argument("--scale", type=_scale, default=None,
                        help="score scale: a number, '1/d' (the papers' convention, B is then their entry "
                             "bound) or '1/sqrt(d)' (the library default)")
     check.add_argument("--causal", action="store_true", help="causal attention")
-    check.add_argument("--max-degree", type=int, default=None, help="largest polynomial degree allowed (40)")
-    check.add_argument("--max-rank", type=int, default=None, help="largest rank allowed")
+    check.add_argument("--max-degree", type=_int_at_least(0), default=None,
+                       help="largest polynomial degree allowed (40)")
+    check.add_argument("--max-rank", type=_POSITIVE, default=None, help="largest rank allowed")
     return parser
 
 
@@ -176,8 +233,15 @@ def _check(args: argparse.Namespace) -> int:
     max_rank = plan.request.max_rank
     k = plan.order
     n_max = max(plan.n, *plan.ms)
+    if not args.npz:
+        # the check compares the papers' entry bound, which is the given B only at scale 1/d
+        how = ("--scale 1/d" if args.scale == "1/d" else
+               "the default scale 1/sqrt(d)" if args.scale in (None, "1/sqrt(d)") else "--scale")
+        print(f"B given: {args.B:g} (largest |entry| of q and the keys). At scale {plan.scale:.6g} ({how}) the "
+              f"threshold check uses B_eff = (scale * D * B^{k})^(1/{k}) = {plan.B:.4g}"
+              + ("" if args.scale == "1/d" else "; with --scale 1/d, B_eff = B") + ".")
     if not plan.passed:
-        print(f"poly: REFUSED. B = {plan.B:.4g} is not below tau_{k}(n) = (ln {n_max})^(1/{k}) = "
+        print(f"poly: REFUSED. B_eff = {plan.B:.4g} is not below tau_{k}(n) = (ln {n_max})^(1/{k}) = "
               f"{plan.threshold:.4g}: past the threshold no algorithm is truly sub-n^{k} under SETH. "
               "Use backend='exact' (or 'auto').")
         return EXIT_REFUSED
@@ -188,7 +252,7 @@ def _check(args: argparse.Namespace) -> int:
     if plan.rank > max_rank:
         print(f"poly: REFUSED. tol = {plan.tol:g} needs rank {plan.rank:,} > max_rank = {max_rank:,}.")
         return EXIT_REFUSED
-    print(f"poly: allowed. B = {plan.B:.4g} < tau_{k}(n) = {plan.threshold:.4g}; degree {plan.degree}, rank "
+    print(f"poly: allowed. B_eff = {plan.B:.4g} < tau_{k}(n) = {plan.threshold:.4g}; degree {plan.degree}, rank "
           f"{plan.rank:,} certify max|out - exact| <= {plan.certificate.output_error:.3g} * max|v|. "
           f"backend='auto' would run {plan.backend} ({plan.reason}).")
     return EXIT_OK

@@ -732,8 +732,9 @@ def attention(q: Any, k: Any, v: Any, *, spec: str | Spec = "pairwise", group=No
     with contextlib.nullcontext() if ops.tracks_grad else torch.no_grad():
         if plan.backend == "poly":
             out = _poly(plan, ops, comm, layout)
-        else:
-            out = _exact(ops, comm, layout, request.memory_budget)
+        else:  # in float64 where float32 could overflow, as the exact backend does
+            wide = ops.to(torch.float64 if plan.exact_dtype == "float64" else ops.dtype)
+            out = _exact(wide, comm, layout, request.memory_budget).to(ops.dtype)
     result = ops.restore(out)
     if return_info:
         return result, AttentionInfo.from_plan(plan, certify_gradients(plan, whole, maxima))

@@ -6,6 +6,7 @@ the product of the leading (batch, head) dims.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -69,6 +70,11 @@ class Operands:
         return self.q.dtype
 
     @property
+    def out_dtype_name(self) -> str:
+        """The dtype of the result, by name ("float16", "bfloat16", "float32" or "float64")."""
+        return str(self.out_dtype).rsplit(".", 1)[-1]
+
+    @property
     def out_value_shape(self) -> tuple[int, ...]:
         return tuple(self.value_sizes[c] for c in self.spec.value_einsum.out_letters)
 
@@ -94,6 +100,14 @@ class Operands:
         return masks.visible_rows(self.key_bias, self.n, self.causal, self.q_positions(),
                                   [self.k_positions(s) for s in range(len(self.ms))])
 
+    def to(self, dtype: torch.dtype) -> "Operands":
+        """These operands with every tensor in ``dtype`` (differentiable casts)."""
+        if dtype == self.q.dtype:
+            return self
+        rel = None if self.rel is None else self.rel.to(dtype)
+        return dataclasses.replace(self, q=self.q.to(dtype), keys=tuple(t.to(dtype) for t in self.keys),
+                                   values=tuple(t.to(dtype) for t in self.values), rel=rel)
+
     def q_positions(self) -> torch.Tensor:
         return torch.arange(self.n, device=self.q.device) + self.q_offset
 
@@ -109,24 +123,55 @@ class Operands:
         return out.to(self.out_dtype)
 
 
-def _to_tensor(x: Any, name: str) -> tuple[torch.Tensor, str]:
+#: dtypes an operand may have: torch's and numpy's float16/32/64, and torch bfloat16
+SUPPORTED_DTYPES = "float16, bfloat16 (torch), float32 and float64"
+_TORCH_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_NUMPY_FLOATS = ("float16", "float32", "float64")
+
+
+def _unsupported(name: str, dtype: Any) -> InputError:
+    return InputError(
+        f"{name} has dtype {dtype}; supported dtypes are {SUPPORTED_DTYPES}. Fix: cast with "
+        f"{name}.astype('float32') (numpy) or {name}.float() (torch)"
+    )
+
+
+def to_tensor(x: Any, name: str) -> tuple[torch.Tensor, str]:
+    """``x`` as a strided CPU/GPU tensor of a supported float dtype, and "torch" or "numpy"."""
     if isinstance(x, torch.Tensor):
+        if x.is_nested or x.layout != torch.strided:
+            kind = "a nested tensor" if x.is_nested else f"a {x.layout} tensor"
+            raise InputError(f"{name} is {kind}; attention needs dense tensors. Fix: {name}.to_dense() "
+                             "(sparse) or pad a nested tensor to a dense one")
+        if x.device.type == "meta":
+            raise InputError(f"{name} is a meta tensor (shape {tuple(x.shape)}, no data); attention reads the "
+                             "values (their norms choose the plan). Fix: pass a tensor on a real device")
+        if x.dtype not in _TORCH_FLOATS:
+            raise _unsupported(name, x.dtype)
         return x, "torch"
+    if isinstance(x, np.ma.MaskedArray) and np.ma.is_masked(x):
+        raise InputError(f"{name} is a masked array with masked entries; attention has no notion of a masked "
+                         f"entry. Fix: {name}.filled(value) or drop the masked tokens")
     try:
         arr = np.asarray(x)
-    except Exception as exc:  # pragma: no cover - exotic inputs
+    except Exception as exc:  # a ragged list, an object that is not an array, ...
         raise InputError(f"{name} could not be converted to an array: {exc}") from None
     if arr.dtype == object:
         raise InputError(f"{name} must be a numeric array, got an object array")
-    return torch.from_numpy(np.ascontiguousarray(arr)), "numpy"
+    if arr.ndim == 0:
+        raise InputError(f"{name} is a scalar ({arr.item()!r}); attention needs an array shaped "
+                         f"(..., tokens, features)")
+    if arr.dtype.kind != "f" or arr.dtype.name not in _NUMPY_FLOATS:
+        raise _unsupported(name, arr.dtype)
+    arr = np.ascontiguousarray(arr)
+    if any(stride < 0 for stride in arr.strides):  # numpy calls a reversed length-1 axis contiguous
+        arr = arr.copy()
+    return torch.from_numpy(arr), "numpy"
 
 
 def _check_float(t: torch.Tensor, name: str) -> None:
-    if not t.is_floating_point():
-        raise InputError(
-            f"{name} has dtype {t.dtype}; attention needs floating-point inputs. Fix: cast with "
-            f"{name}.astype('float32') (numpy) or {name}.float() (torch)"
-        )
+    if t.dtype not in _TORCH_FLOATS:
+        raise _unsupported(name, t.dtype)
 
 
 def check_finite(t: torch.Tensor, name: str) -> None:
@@ -142,11 +187,18 @@ def check_finite(t: torch.Tensor, name: str) -> None:
         )
 
 
-def _as_list(x: Any, name: str, count: int, spec: Spec) -> list:
+def as_list(x: Any, name: str, count: int, spec: Spec) -> list:
     if spec.order == 2:
-        # k=(k1,) is accepted; any other list is an array literal
-        if isinstance(x, (list, tuple)) and len(x) == 1 and isinstance(x[0], (np.ndarray, torch.Tensor)):
-            return [x[0]]
+        # k=(k1,) is accepted; a sequence of several arrays is a mistake; any other list is an array literal
+        if isinstance(x, (list, tuple)) and x and all(isinstance(a, (np.ndarray, torch.Tensor)) for a in x):
+            if len(x) == 1:
+                return [x[0]]
+            raise InputError(
+                f"spec {spec.name!r} has order 2 and takes one {name} array ({name} shaped (..., m, "
+                f"{'d' if name == 'k' else 'e'})), but {name} is a {type(x).__name__} of {len(x)} arrays. A "
+                f"sequence of {name} arrays, one per key slot, is for higher-order specs such as "
+                f"spec='triple' ({name}=({name}1, {name}2))"
+            )
         return [x]
     if not isinstance(x, (list, tuple)):
         raise InputError(
@@ -170,6 +222,9 @@ def _shapes(spec: Spec, arrays: list[torch.Tensor], names: list[str]) -> tuple[t
     lead: tuple[int, ...] | None = None
     for slot, (t, nm, feats) in enumerate(zip(arrays, names, se.features)):
         need = 1 + len(feats)
+        if t.ndim == 0:
+            raise InputError(f"{nm} is a scalar (0-dim tensor); attention needs an array shaped "
+                             f"(..., tokens, {', '.join(feats)})")
         if t.ndim < need:
             raise InputError(
                 f"{nm} has shape {tuple(t.shape)} but spec {spec.name!r} operand "
@@ -184,6 +239,12 @@ def _shapes(spec: Spec, arrays: list[torch.Tensor], names: list[str]) -> tuple[t
                 "equal (no broadcasting). Fix: expand or reshape so the leading dims match"
             )
         for letter, size in zip(feats, t.shape[t.ndim - len(feats):]):
+            if size == 0:
+                raise InputError(
+                    f"{nm} has shape {tuple(t.shape)}: feature index {letter!r} of spec {spec.name!r} has size 0, "
+                    "so every score would be an empty sum (0) and attention a plain average of the values. "
+                    "Fix: give every feature index at least one entry"
+                )
             if letter in sizes and sizes[letter] != size:
                 raise InputError(
                     f"size of index {letter!r} for {nm} ({size}) does not match previous operands "
@@ -272,13 +333,20 @@ def _value_sizes(spec: Spec, values: list[torch.Tensor], names: list[str], kname
     return value_sizes
 
 
-def _check_positions(n: int, ms: tuple[int, ...], causal: bool, q_offset: int | None) -> None:
-    if causal and q_offset is None and any(m != n for m in ms):
-        raise InputError(
-            f"causal=True needs as many keys as queries, but q has n={n} and k has m="
-            f"{ms[0] if len(set(ms)) == 1 else ms}; for decoding with a KV cache pass "
-            f"q_offset=m-n (= {ms[0] - n}) so queries sit at the end, or use causal=False"
-        )
+def check_positions(n: int, ms: tuple[int, ...], causal: bool, q_offset: int | None) -> None:
+    if not causal or q_offset is not None or all(m == n for m in ms):
+        return
+    shown = ms[0] if len(set(ms)) == 1 else ms
+    what = "k has" if len(ms) == 1 else "the key slots have"
+    if all(m >= n for m in ms):
+        fix = (f"for decoding with a KV cache pass q_offset={max(ms) - n} (= m - n, so the queries sit at the end "
+               f"of the {max(ms)} keys)")
+    else:
+        fix = ("with fewer keys than queries pass q_offset=<position of the first query> (q_offset=0 if query 0 "
+               "and key 0 are the same position; queries past the last key then see every key)")
+    raise InputError(
+        f"causal=True needs as many keys as queries, but q has n={n} and {what} m={shown}; {fix}, or use causal=False"
+    )
 
 
 def _prepare_masks(key_padding_mask, attn_mask, request: Request, lead: tuple[int, ...], n: int,
@@ -339,13 +407,13 @@ def prepare(spec: Spec, q, k, v, request: Request, spec_options: dict[str, Any] 
     ``torch.nn.MultiheadAttention``'s conventions (``tensorattn.masks``)."""
     options = positional.check_options(spec.positional, {**spec.options, **(spec_options or {})})
     nk = spec.order - 1
-    ks = _as_list(k, "k", nk, spec)
-    vs = _as_list(v, "v", nk, spec)
-    qt, kind = _to_tensor(q, "q")
+    ks = as_list(k, "k", nk, spec)
+    vs = as_list(v, "v", nk, spec)
+    qt, kind = to_tensor(q, "q")
     knames = ["k"] if nk == 1 else [f"k[{i}]" for i in range(nk)]
     vnames = ["v"] if nk == 1 else [f"v[{i}]" for i in range(nk)]
-    kts = [_to_tensor(x, nm)[0] for x, nm in zip(ks, knames)]
-    vts = [_to_tensor(x, nm)[0] for x, nm in zip(vs, vnames)]
+    kts = [to_tensor(x, nm)[0] for x, nm in zip(ks, knames)]
+    vts = [to_tensor(x, nm)[0] for x, nm in zip(vs, vnames)]
     for t, nm in zip([qt, *kts, *vts], ["q", *knames, *vnames]):
         _check_float(t, nm)
     out_dtype = qt.numpy().dtype if kind == "numpy" else qt.dtype
@@ -364,7 +432,7 @@ def prepare(spec: Spec, q, k, v, request: Request, spec_options: dict[str, Any] 
                 "undefined. Fix: pass at least one key"
             )
     value_sizes = _value_sizes(spec, vts, vnames, knames, lead, ms)
-    _check_positions(n, ms, request.causal, request.q_offset)
+    check_positions(n, ms, request.causal, request.q_offset)
     q_offset = request.q_offset or 0
     for t, nm in zip([qt, *kts, *vts], ["q", *knames, *vnames]):
         check_finite(t, nm)
@@ -388,7 +456,7 @@ def prepare(spec: Spec, q, k, v, request: Request, spec_options: dict[str, Any] 
         qf, kfs = positional.rotate(qf, kfs, q_pos, k_pos, options)
     elif spec.positional == "relative":
         W = options.get("rel")
-        Wt = None if W is None else _to_tensor(W, "rel")[0]
+        Wt = None if W is None else to_tensor(W, "rel")[0]
         positional.check_rel(Wt, n, ms[0], sizes["d"], q_offset)
         _check_float(Wt, "rel")
         check_finite(Wt, "rel")

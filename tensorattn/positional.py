@@ -16,32 +16,37 @@ from .checks import check_choice, check_number
 from .errors import InputError
 
 ROPE_LAYOUTS = ("interleaved", "half")
+#: the default RoPE base (a spec with positional="rope" and no options gets it)
+ROPE_BASE = 10000.0
 
 
 def check_options(positional: str | None, options: dict[str, Any]) -> dict[str, Any]:
     """Validate the spec options of a positional kind; returns them with numbers as floats."""
     out = dict(options)
     if positional == "rope":
-        out["rope_base"] = check_number("rope_base", options["rope_base"], low=0.0, low_open=True,
-                                        hint="the RoPE frequency base (default 10000.0)")
-        out["rope_layout"] = check_choice("rope_layout", options["rope_layout"], ROPE_LAYOUTS)
+        out["rope_base"] = check_number("rope_base", options.get("rope_base", ROPE_BASE), low=1.0,
+                                        hint=f"the RoPE frequency base (default {ROPE_BASE}); the frequencies "
+                                        "base^(-2l/d) are at most 1 radian per position")
+        out["rope_layout"] = check_choice("rope_layout", options.get("rope_layout", ROPE_LAYOUTS[0]), ROPE_LAYOUTS)
     elif positional == "relative" and options.get("alibi_slope") is not None:
         out["alibi_slope"] = check_number("alibi_slope", options["alibi_slope"], low=0.0,
                                           hint="the ALiBi bias is -alibi_slope * |i - j|")
     return out
 
 
-def rope_angles(positions: torch.Tensor, d: int, base: float, dtype: torch.dtype) -> torch.Tensor:
-    """theta_l = base^(-2l/d), angle = position * theta_l, shape (len(positions), d/2)."""
-    inv = base ** (-torch.arange(0, d // 2, dtype=torch.float64, device=positions.device) * 2.0 / d)
-    return (positions.to(torch.float64)[:, None] * inv[None, :]).to(dtype)
+def rope_angles(positions: torch.Tensor, d: int, base: float) -> torch.Tensor:
+    """theta_l = base^(-2l/d), angle = position * theta_l, shape (len(positions), d/2), in float64:
+    the angles are defined by this float64 evaluation (a float32 angle would err by u * angle)."""
+    inv = torch.tensor([base ** (-2.0 * l / d) for l in range(d // 2)], dtype=torch.float64, device=positions.device)
+    return positions.to(torch.float64)[:, None] * inv[None, :]
 
 
 def rope_rotate(x: torch.Tensor, positions: torch.Tensor, base: float, layout: str) -> torch.Tensor:
-    """Rotate ``x`` (Z, n, d) by RoPE angles. Interleaved pairs (2l, 2l+1); half pairs (l, l+d/2)."""
+    """Rotate ``x`` (Z, n, d) by RoPE angles. Interleaved pairs (2l, 2l+1); half pairs (l, l+d/2).
+    cos and sin are evaluated in float64 and rounded once to the dtype of ``x``."""
     d = x.shape[-1]
-    ang = rope_angles(positions, d, base, x.dtype)
-    cos, sin = torch.cos(ang), torch.sin(ang)
+    ang = rope_angles(positions, d, base)
+    cos, sin = torch.cos(ang).to(x.dtype), torch.sin(ang).to(x.dtype)
     if layout == "interleaved":
         a, b = x[..., 0::2], x[..., 1::2]
         return torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1).reshape(x.shape)
@@ -84,9 +89,25 @@ def relative_offsets(m: int, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.
     return q_pos[:, None] - k_pos[None, :] + (m - 1)
 
 
-def alibi_bias(slope: float, q_pos: torch.Tensor, k_pos: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """-slope * |i - j| for each (query, key) pair."""
-    return -float(slope) * (q_pos[:, None] - k_pos[None, :]).abs().to(dtype)
+def alibi_bias(slope: float, q_pos: torch.Tensor, k_pos: torch.Tensor, dtype: torch.dtype,
+               nearest: torch.Tensor | None = None) -> torch.Tensor:
+    """-slope * (|i - j| - nearest_i) for each (query, key) pair.
+
+    ``nearest`` (per query, default 0) is the distance to the query's nearest visible key. The
+    softmax does not change when a row is shifted, and with the shift the nearest key's bias is
+    exactly 0: a huge slope sends the other biases to -inf but never makes a row all -inf (which
+    would give NaN). Computed in float64 (a finite slope times a finite distance is never NaN)."""
+    dist = (q_pos[:, None] - k_pos[None, :]).abs()
+    if nearest is not None:
+        dist = dist - nearest[:, None]
+    return (-float(slope) * dist.to(torch.float64)).to(dtype)
+
+
+def nearest_key_distance(q_pos: torch.Tensor, first: int, last: int, causal: bool) -> torch.Tensor:
+    """Distance from each query position to its nearest visible key, keys at positions first..last
+    (causal: only keys at or before the query are visible)."""
+    past = (q_pos - last).clamp(min=0)
+    return past if causal else past + (first - q_pos).clamp(min=0)
 
 
 def max_alibi_decay(slope: float, n: int, m: int, q_offset: int) -> float:
@@ -95,6 +116,7 @@ def max_alibi_decay(slope: float, n: int, m: int, q_offset: int) -> float:
 
 
 __all__ = [
-    "ROPE_LAYOUTS", "alibi_bias", "check_options", "check_rel", "max_alibi_decay", "relative_length",
+    "ROPE_LAYOUTS", "alibi_bias", "check_options", "check_rel", "max_alibi_decay", "nearest_key_distance",
+    "relative_length",
     "relative_offsets", "rope_angles", "rope_rotate", "rotate",
 ]

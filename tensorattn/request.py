@@ -23,6 +23,11 @@ from .spec import Spec
 
 ON_UNBOUNDED = ("raise", "fallback", "ignore")
 FEATURE_DTYPES = ("float32", "float64")
+#: largest polynomial degree a call may ask for (max_degree, degree): past it the float64 coefficients
+#: and ranks are meaningless, and the degree search stays bounded
+MAX_DEGREE = 100
+#: largest q_offset: positions are exact in float64 (RoPE angles) up to 2^53
+MAX_POSITION = 2**53
 
 
 @dataclass(frozen=True)
@@ -83,21 +88,21 @@ class Request:
         if self.scale is not None:
             set_("scale", check_number("scale", self.scale, hint="None means 1/sqrt(D)"))
         if self.q_offset is not None:
-            set_("q_offset", check_int("q_offset", self.q_offset, low=0,
+            set_("q_offset", check_int("q_offset", self.q_offset, low=0, high=MAX_POSITION,
                                        hint="the position of the first query (queries sit at q_offset..q_offset+n-1)"))
-        set_("max_degree", check_int("max_degree", self.max_degree, low=0))
+        set_("max_degree", check_int("max_degree", self.max_degree, low=0, high=MAX_DEGREE))
         set_("max_rank", check_int("max_rank", self.max_rank, low=1))
         set_("approximant", check_choice("approximant", self.approximant, APPROXIMANTS))
         set_("memory_budget", check_int("memory_budget", self.memory_budget, low=1,
                                         hint="bytes per working tile (default 64 MiB)"))
         if self.degree is not None:
-            set_("degree", check_int("degree", self.degree, low=0))
+            set_("degree", check_int("degree", self.degree, low=0, high=MAX_DEGREE))
         if self.feature_dtype is not None:
             set_("feature_dtype", check_choice("feature_dtype", self.feature_dtype, FEATURE_DTYPES))
         if self.need_grad is not None:
             set_("need_grad", check_bool("need_grad", self.need_grad))
         set_("features", check_int("features", self.features, low=1))
-        set_("seed", check_int("seed", self.seed, low=0))
+        set_("seed", check_int("seed", self.seed, low=0, high=2**63 - 1))
 
     @classmethod
     def names(cls) -> tuple[str, ...]:
@@ -148,12 +153,14 @@ class Problem:
     contracted index sizes), ``value_dims`` the flattened value size of each slot, ``E`` the
     flattened output value size, ``Z`` the product of the batch dims. ``beta`` bounds every
     |score|, ``B`` is the papers' entry bound, ``vmax`` bounds |value of a key tuple|. ``dtype`` is
-    the compute dtype of the inputs ("float32" or "float64"). For spec ``relative``, ``relative``
-    is the support of W and ``alibi_slope`` its decay. For an attention polynomial ``terms`` holds
-    each term's statistics; ``beta`` is then the radius of the whole score (the sum of the terms').
-    ``key_mask`` is None, ``"binary"`` (key
-    weights 0 or 1) or ``"additive"`` (a float key bias); ``attn_mask`` says a general (per query)
-    mask is present. Backends that cannot apply a mask refuse the problem in ``serves``.
+    the compute dtype of the inputs ("float32" or "float64"), ``out_dtype`` the dtype of the result
+    the caller receives (None: ``dtype``). ``linf`` is max |entry| of each slot's array, query
+    first (the numeric range of the scores), ``value_linf`` that of each value operand. For spec
+    ``relative``, ``relative`` is the support of W and ``alibi_slope`` its decay. For an attention
+    polynomial ``terms`` holds each term's statistics; ``beta`` is then the radius of the whole
+    score (the sum of the terms'). ``key_mask`` is None, ``"binary"`` (key weights 0 or 1) or
+    ``"additive"`` (a float key bias); ``attn_mask`` says a general (per query) mask is present.
+    Backends that cannot apply a mask refuse the problem in ``serves``.
     """
 
     spec: Spec
@@ -179,10 +186,18 @@ class Problem:
     value_shapes: tuple[tuple[int, ...], ...] = ()
     key_mask: str | None = None
     attn_mask: bool = False
+    out_dtype: str | None = None
+    linf: tuple[float, ...] = ()
+    value_linf: tuple[float, ...] = ()
 
     @property
     def order(self) -> int:
         return self.spec.order
+
+    @property
+    def result_dtype(self) -> str:
+        """The dtype of the result the caller receives."""
+        return self.out_dtype or self.dtype
 
     @property
     def n_max(self) -> int:

@@ -8,6 +8,12 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 settings.register_profile("dev", max_examples=100, deadline=None)
+# a one-off check: `pytest tests/test_fuzz.py --hypothesis-profile=deep` (hours; TENSORATTN_FUZZ_STATS=path.json
+# writes the counts of the run)
+settings.register_profile(
+    "deep", max_examples=10_000, deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
+)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 

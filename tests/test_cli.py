@@ -51,8 +51,8 @@ def test_check_npz(tmp_path, capsys):
         (["check", "--n", "100", "--B", "1"], "needs --d"),
         (["check", "--spec", "pairwize", "--n", "100", "--d", "4", "--B", "1"], "unknown spec 'pairwize'"),
         (["check", "--npz", "/nonexistent.npz"], "/nonexistent.npz"),
-        (["bench", "--suite", "huge"], "unknown suite 'huge'"),
-        (["bench", "--suite", "micro", "--parts", "everything"], "unknown part 'everything'"),
+        (["bench", "--suite", "huge"], "argument --suite: invalid choice: 'huge'"),
+        (["bench", "--suite", "micro", "--parts", "everything"], "argument --parts: invalid choice: 'everything'"),
     ],
 )
 def test_errors_exit_2_with_message(argv, message, capsys):

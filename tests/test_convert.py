@@ -150,7 +150,7 @@ def test_convert_replaces_every_layer_and_reports_each(backend):
     assert (first.n, first.m, first.embed_dim, first.num_heads, first.dropout) == (32, 32, E, H, 0.1)
     assert first.passed and first.poly_ok and first.poly_bound > 0
     assert not second.passed and not second.poly_ok and "past the threshold" in str(report)
-    assert second.backend == "exact" and second.error_bound == 0.0
+    assert second.backend == "exact" and 0.0 < second.error_bound < 1e-3  # exact: float32 roundoff only
     if backend == "poly":
         assert first.backend == "poly" and first.error_bound == first.poly_bound
         assert model[1].layers[0].self_attn.backend == "poly"

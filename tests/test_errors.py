@@ -73,7 +73,7 @@ def test_wrong_number_of_keys_for_triple():
 
 def test_causal_with_m_ne_n():
     q, k, v = random_inputs("pairwise", n=4, m=6, d=3)
-    _raises(ta.InputError, "causal=True needs as many keys as queries", "n=4", "m=6", "q_offset=m-n (= 2)",
+    _raises(ta.InputError, "causal=True needs as many keys as queries", "n=4", "m=6", "pass q_offset=2 (= m - n",
             q=q, k=k, v=v, causal=True)
 
 
@@ -115,7 +115,8 @@ def test_rope_options():
 
 def test_integer_input_and_too_few_dims():
     q, k, v = random_inputs("pairwise", n=4, d=2)
-    _raises(ta.InputError, "q has dtype torch.int64", "astype('float32')", q=np.ones((4, 2), np.int64), k=k, v=v)
+    _raises(ta.InputError, "q has dtype int64", "supported dtypes are", "astype('float32')",
+            q=np.ones((4, 2), np.int64), k=k, v=v)
     _raises(ta.InputError, "q has shape (4,)", "needs at least 2 dims", q=np.ones(4, np.float32), k=k, v=v)
 
 

@@ -56,7 +56,7 @@ def test_spec_is_frozen_and_hashable():
         ("di,jd->ij", "must start with its token index 'i'"),
         ("ijd,jd->ij", "operand 0 ('ijd', the query) must carry exactly one token index"),
         ("i,j->ij", "contracts no feature index"),
-        ("idd,jd->ij", "repeats an index"),
+        ("idd,jd->ij", "repeats index 'd'"),
         ("id,jd->ijd", "found 'i', 'd'"),
     ],
 )

@@ -62,7 +62,7 @@ def monomial_tables(D: int, g: int) -> MonomialTables:
     for t in range(1, g + 1):
         # parents with largest coordinate <= c form a prefix because `last` is sorted
         counts = np.searchsorted(last, np.arange(D), side="right")
-        parent = np.concatenate([np.arange(cnt) for cnt in counts])
+        parent = np.concatenate([np.arange(cnt) for cnt in counts]) if D else np.zeros(0, np.int64)
         coord = np.repeat(np.arange(D), counts)
         new_run = np.where(coord == last[parent], run[parent] + 1, 1)
         # t!/alpha'! = (t-1)!/alpha! * t / alpha'_c, exact in Python integers

@@ -22,6 +22,8 @@ U64 = np.finfo(np.float64).eps / 2
 DEFAULT_MAX_DEGREE = 40
 #: relative accuracy we assume for scipy's modified Bessel functions (documented ~1e-15).
 BESSEL_REL_ERR = 1e-14
+#: below this score radius the Chebyshev coefficients are the Taylor ones (their limit as beta -> 0)
+TINY_BETA = 1e-100
 
 
 def output_error(eps: float) -> float:
@@ -54,9 +56,11 @@ def _chebyshev_monomials(k: int) -> tuple[int, ...]:
 def _chebyshev_coefficients(beta: float, g: int) -> np.ndarray:
     """Monomial coefficients of the degree-g Chebyshev truncation of exp on [-beta, beta]."""
     beta = float(beta)
-    if beta == 0.0:
+    if beta < TINY_BETA:
         # the beta -> 0 limit of the series is the Taylor polynomial: exact value *and* slope at
-        # s = 0, so gradients of the surrogate are right even when every score is 0
+        # s = 0, so gradients of the surrogate are right even when every score is 0. Below
+        # TINY_BETA the two differ by far less than float64 rounding, and scipy's I_k(beta)
+        # underflow (to 0, or NaN near the smallest normal) would lose the slope.
         return np.array([1.0 / math.factorial(t) for t in range(g + 1)])
     cheb = [Fraction(float(special.iv(k, beta))) * (1 if k == 0 else 2) for k in range(g + 1)]
     inv = Fraction(1) / Fraction(beta)

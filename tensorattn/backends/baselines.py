@@ -40,6 +40,17 @@ def _expanded(ops: Operands, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Te
     return q, k
 
 
+def finite_or_refuse(out: torch.Tensor, plan, what: str) -> torch.Tensor:
+    """``out`` when finite; else an InputError: a baseline without a certificate must not return NaN."""
+    if not bool(torch.isfinite(out).all()):
+        raise InputError(
+            f"backend={plan.backend!r} produced non-finite outputs: {what} under/overflowed in {out.dtype} at "
+            f"these inputs (score radius beta = {plan.beta:.4g}). Fix: use float64 inputs, a smaller scale, or "
+            "backend='exact'/'poly'"
+        )
+    return out
+
+
 def _order2_refusal(spec) -> Refusal | None:
     if not spec.separable:
         return Refusal("its score depends on i - j through W, so it is not a dot product of per-token vectors")
@@ -63,6 +74,8 @@ class SDPABackend(Backend):
         return True
 
     def run(self, plan, ops: Operands) -> torch.Tensor:
+        dtype = ops.dtype
+        ops = ops.to(torch.float64 if plan.exact_dtype == "float64" else dtype)  # float32 could overflow
         q, k = _expanded(ops, ops.dtype)
         Z, n, m = q.shape[0], ops.n, ops.ms[0]
         v = ops.values[0].reshape(Z, m, -1)
@@ -89,7 +102,7 @@ class SDPABackend(Backend):
                         q[z0:z1, i0:i1], k[z0:z1], v[z0:z1], scale=ops.scale))
             outs.append(torch.cat(rows, dim=1))
         out = torch.cat(outs, dim=0)
-        return out.reshape(Z, n, *ops.out_value_shape)
+        return out.reshape(Z, n, *ops.out_value_shape).to(dtype)
 
 
 @lru_cache(maxsize=32)
@@ -124,6 +137,12 @@ class FavorBackend(Backend):
         rank, seed = plan.request.features, plan.request.seed
         dtype = ops.dtype
         D = ops.D
+        if rank * D * 8 > plan.request.memory_budget:
+            raise InputError(
+                f"backend='favor' with features={rank:,} and D={D} needs a {rank:,} x {D} random matrix "
+                f"({rank * D * 8:,} bytes), more than memory_budget={plan.request.memory_budget:,}. Fix: fewer "
+                "features or a larger memory_budget"
+            )
         w = orthogonal_gaussian(rank, D, seed).to(device=ops.q.device, dtype=dtype)
         # s = scale <q, k> = <x, y> with x = sqrt|scale| q, y = sign(scale) sqrt|scale| k
         root = math.sqrt(abs(ops.scale))
@@ -145,14 +164,7 @@ class FavorBackend(Backend):
 
         engine = FactorizedAttention.from_ops(ops, query_features, key_features, rank, dtype,
                                               plan.request.memory_budget)
-        out = engine.run()
-        if not bool(torch.isfinite(out).all()):
-            raise InputError(
-                f"backend='favor' produced non-finite outputs: its random features exp(w.x - |x|^2/2) "
-                f"under/overflowed in {dtype} (beta = {plan.beta:.4g}). Fix: use float64 inputs, a "
-                "smaller scale, or backend='exact'/'poly'"
-            )
-        return out
+        return finite_or_refuse(engine.run(), plan, "its random features exp(w.x - |x|^2/2)")
 
     @staticmethod
     def _key_shift(k: torch.Tensor, w: torch.Tensor, budget_bytes: int) -> torch.Tensor:
@@ -182,17 +194,21 @@ class Taylor2Backend(Backend):
 
     def run(self, plan, ops: Operands) -> torch.Tensor:
         dtype = ops.dtype
-        w = torch.as_tensor(query_weights(TAYLOR2_COEFFS, ops.scale, ops.D, 2), dtype=dtype, device=ops.q.device)
+        ops = ops.to(torch.float64 if plan.exact_dtype == "float64" else dtype)  # float32 could overflow
+        divisors = plan.unit_divisors
+        scale = ops.scale * math.prod(divisors)
+        w = torch.as_tensor(query_weights(TAYLOR2_COEFFS, scale, ops.D, 2), dtype=ops.dtype, device=ops.q.device)
         engine = FactorizedAttention.from_ops(
             ops,
             query_features=lambda x: feature_map(x, 2),
             key_features=lambda x: feature_map(x, 2),
             rank=rank_for(ops.D, 2),
-            dtype=dtype,
+            dtype=ops.dtype,
             budget_bytes=plan.request.memory_budget,
             query_weights=w,  # folded into the combined statistics, as poly does
+            divisors=divisors,
         )
-        return engine.run()
+        return finite_or_refuse(engine.run(), plan, "its kernel 1 + s + s^2/2").to(dtype)
 
 
 __all__ = ["FavorBackend", "SDPABackend", "Taylor2Backend", "orthogonal_gaussian"]

@@ -17,10 +17,13 @@ import opt_einsum
 import torch
 
 from ..inputs import Operands, term_operands
-from ..positional import alibi_bias, relative_offsets
+from ..planning.cost import exact_key_blocks
+from ..positional import alibi_bias, nearest_key_distance, relative_offsets
 from ..registry import Backend
 from ..spec import Spec
 from .structured import tree_exact, triangle_exact
+
+_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 @lru_cache(maxsize=512)
@@ -60,9 +63,14 @@ class TileEngine:
         self.causal_pairs = spec.structure.causal_pairs
         self.q_pos = ops.q_positions()
         self.k_pos = [ops.k_positions(s) for s in range(self.order - 1)]
+        if self.slope:
+            k_pos = self.k_pos[0]
+            # the row shift must be the same for every block of keys a row meets: with rel_m (a shard's
+            # block of a longer sequence) take the nearest key over the whole sequence, 0 .. rel_m - 1
+            first, last = (0, self.rel_m - 1) if rel_m is not None else (int(k_pos[0]), int(k_pos[-1]))
+            self.nearest = nearest_key_distance(self.q_pos, first, last, self.causal)
         # tile sizes from the memory budget: a tile holds ~ (4 + d^2 for relative) floats per tuple
-        nk = self.order - 1
-        self.key_block = [min(m, max(1, int(round(1024 ** (1.0 / nk))))) for m in ops.ms]
+        self.key_block = list(exact_key_blocks(ops.ms))
         tuples = math.prod(self.key_block)
         per_tuple = 4 + (ops.sizes["d"] ** 2 if self.relative else 0)
         elem = ops.q.element_size()
@@ -89,7 +97,7 @@ class TileEngine:
             idx = relative_offsets(self.rel_m, qp, kp)
             s = contract("...ia,ijab,...jb->...ij", q, rel[idx], ks[0]) * self.scale
             if self.slope:
-                s = s + alibi_bias(self.slope, qp, kp, s.dtype)
+                s = s + alibi_bias(self.slope, qp, kp, s.dtype, self.nearest[i0: i0 + q.shape[1]])
         elif self.score_expr is None:
             s = self._polynomial_scores([q, *ks]) * self.scale
         else:
@@ -230,6 +238,8 @@ class ExactAttentionFunction(torch.autograd.Function):
         saved = ctx.saved_tensors
         q, keys, values = saved[0], list(saved[1: 1 + nk]), list(saved[1 + nk: 1 + 2 * nk])
         rel = saved[1 + 2 * nk] if ctx.has_rel else None
+        if torch.is_grad_enabled():  # create_graph=True: the gradient itself must be differentiable
+            return (None, None, *_differentiable_backward(engine, q, keys, values, rel, d_out))
         out, lse = saved[-2], saved[-1]
         vdims = tuple(range(2, out.ndim))
         delta = (d_out * out).sum(dim=vdims) if vdims else d_out * out  # D_i = <dO_i, out_i>
@@ -241,7 +251,19 @@ class ExactAttentionFunction(torch.autograd.Function):
         return (None, None, dq, *dks, *dvs, *([drel] if rel is not None else []))
 
 
-
+def _differentiable_backward(engine: TileEngine, q, keys, values, rel, d_out) -> list:
+    """Gradients w.r.t. (q, keys, values, rel) that autograd can differentiate again (double
+    backward, e.g. gradient penalties): the forward is recomputed with a full graph, so this path
+    keeps every tile's weights alive (memory O(n * key tuples), unlike the streaming backward)."""
+    inputs = [q, *keys, *values] + ([rel] if rel is not None else [])
+    wanted = [t for t in inputs if t.requires_grad]
+    grads = iter(torch.autograd.grad(stream_forward(engine, q, keys, values, rel)[0], wanted, d_out,
+                                     create_graph=True, allow_unused=True) if wanted else ())
+    out = []
+    for t in inputs:
+        g = next(grads) if t.requires_grad else None
+        out.append(torch.zeros_like(t) if g is None else g)
+    return out
 
 
 def dense_weights(engine: TileEngine, q, keys, values, rel) -> torch.Tensor:
@@ -273,23 +295,27 @@ class ExactBackend(Backend):
 
     def weights(self, plan, ops: Operands) -> torch.Tensor:
         """The dense attention weights (Z, n, m_1, ..., m_{k-1}), without gradient."""
+        dtype = ops.dtype
+        ops = ops.to(_DTYPES[plan.exact_dtype])  # float64 where float32 could overflow
         with torch.no_grad():
             return dense_weights(TileEngine(ops, plan.request.memory_budget), ops.q, list(ops.keys),
-                                 list(ops.values), ops.rel)
+                                 list(ops.values), ops.rel).to(dtype)
 
     def run(self, plan, ops: Operands) -> torch.Tensor:
+        dtype = ops.dtype
+        ops = ops.to(_DTYPES[plan.exact_dtype])  # float64 where float32 could overflow
         if plan.rel_folded:  # the same W at every offset: pairwise attention on q W
             ops = dataclasses.replace(ops, spec=_FOLDED, q=ops.q @ ops.rel[0], rel=None)
         path = ops.spec.exact_path
         if path == "tree" and ops.attn_mask is None:  # key masks enter the messages as key biases
-            return tree_exact(ops, plan.request.memory_budget)
+            return tree_exact(ops, plan.request.memory_budget).to(dtype)
         if path == "triangle" and ops.attn_mask is None and not ops.key_bias:
-            return triangle_exact(ops, plan.request.memory_budget)
+            return triangle_exact(ops, plan.request.memory_budget).to(dtype)
         engine = TileEngine(ops, plan.request.memory_budget)
         nk = ops.order - 1
         args = ops.tensors
         # need_grad=False only skips the gradient-aware degree choice; it never detaches the output
         if ops.tracks_grad:
-            return ExactAttentionFunction.apply(engine, nk, *args)
+            return ExactAttentionFunction.apply(engine, nk, *args).to(dtype)
         with torch.no_grad():
-            return stream_forward(engine, ops.q, list(ops.keys), list(ops.values), ops.rel)[0]
+            return stream_forward(engine, ops.q, list(ops.keys), list(ops.values), ops.rel)[0].to(dtype)

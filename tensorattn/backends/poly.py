@@ -68,10 +68,15 @@ class FactorizedAttention:
 
     @classmethod
     def from_ops(cls, ops: Operands, query_features: FeatureFn, key_features: FeatureFn, rank: int,
-                 dtype: torch.dtype, budget_bytes: int,
-                 query_weights: torch.Tensor | None = None) -> "FactorizedAttention":
+                 dtype: torch.dtype, budget_bytes: int, query_weights: torch.Tensor | None = None,
+                 divisors: tuple[float, ...] | None = None) -> "FactorizedAttention":
+        """``divisors`` (one per score operand) divide the operands before the feature maps; the
+        caller folds their product into the query weights (homogeneous features only)."""
         se = ops.spec.score_einsum
-        xs = [expand_operand(t.to(dtype), f, se.contracted, ops.sizes) for t, f in zip([ops.q, *ops.keys], se.features)]
+        operands = [ops.q, *ops.keys]
+        divisors = divisors or (1.0,) * len(operands)
+        xs = [expand_operand(t.to(dtype) / c if c != 1.0 else t.to(dtype), f, se.contracted, ops.sizes)
+              for t, f, c in zip(operands, se.features, divisors)]
         Z = ops.q.shape[0]
         values = [v.to(dtype).reshape(Z, v.shape[1], -1) for v in ops.values]
         shapes = [tuple(v.shape[2:]) for v in ops.values]
@@ -219,7 +224,9 @@ def polynomial_engine(plan, ops: Operands) -> FactorizedAttention:
     g = cert.degree
     dtype = _DTYPES[cert.feature_dtype]
     coeffs = get_approximant(plan.approximant).coefficients(float(plan.beta), g)
-    w = torch.as_tensor(query_weights(coeffs, ops.scale, ops.D, g), dtype=dtype, device=ops.q.device)
+    divisors = plan.unit_divisors
+    scale = ops.scale * math.prod(divisors)
+    w = torch.as_tensor(query_weights(coeffs, scale, ops.D, g), dtype=dtype, device=ops.q.device)
     return FactorizedAttention.from_ops(
         ops,
         query_features=lambda x: feature_map(x, g),
@@ -228,6 +235,7 @@ def polynomial_engine(plan, ops: Operands) -> FactorizedAttention:
         dtype=dtype,
         budget_bytes=plan.request.memory_budget,
         query_weights=w,
+        divisors=divisors,
     )
 
 

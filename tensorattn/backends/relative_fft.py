@@ -142,7 +142,8 @@ def relative_attention(plan, ops: Operands) -> torch.Tensor:
     tables = toeplitz_terms(d, pairs, g)
     Z, n, m = ops.q.shape[0], ops.n, ops.ms[0]
     N, F = rel.fft_len, rel.fft_len // 2 + 1
-    q, k = ops.q.to(_F64), ops.keys[0].to(_F64)
+    cq, ck = plan.unit_divisors  # magnitudes near 1 for the monomials; the scale takes cq * ck
+    q, k = ops.q.to(_F64) / cq, ops.keys[0].to(_F64) / ck
     v1 = augment(ops.values[0].to(_F64).reshape(Z, m, -1))
     if ops.key_bias:  # key mask: weight 0 drops a key from numerator and normalizer
         v1 = v1 * torch.exp(ops.key_bias[0].to(_F64))[..., None]
@@ -153,7 +154,7 @@ def relative_attention(plan, ops: Operands) -> torch.Tensor:
     pb = torch.as_tensor([p[1] for p in pairs], dtype=torch.long, device=q.device)
     Wp = W[:, pa, pb].T.contiguous()  # (|S|, L): the support's entries per offset
     coeffs = get_approximant(plan.approximant).coefficients(float(plan.beta), g)
-    weights = torch.as_tensor(query_weights(coeffs, ops.scale, len(pairs), g), dtype=_F64, device=q.device)
+    weights = torch.as_tensor(query_weights(coeffs, ops.scale * cq * ck, len(pairs), g), dtype=_F64, device=q.device)
     factor = toeplitz_factor(ops, L, float(rel.alibi_slope), _F64)
     xq, yk = feature_map(q, g), feature_map(k, g)  # (Z, n|m, C(d+g, g)), degree blocks in order
     budget = max(1, plan.request.memory_budget // 16)  # complex128 elements

@@ -10,7 +10,9 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, field, replace
 
-from ..errors import InputError
+from ..checks import check_bool, check_int, check_number
+from ..errors import InputError, valid_names
+from ..spec import get_spec
 
 #: every backend the sweep compares; a backend that cannot serve a spec gives an "n/a" row
 SWEEP_BACKENDS = ("poly", "exact", "sdpa", "favor", "taylor2")
@@ -145,6 +147,17 @@ def override(suite: Suite, *, spec=None, backend=None, n=None, d=None, B=None, t
     n = 1024 and 4096, d = 8, B = 1, tol = 1e-3, non-causal). With no value given, the suite is
     unchanged apart from ``parts``."""
     given = [x for x in (spec, backend, n, d, B, tol, causal) if x]
+    for name in spec or ():
+        get_spec(name)  # an unknown spec is a SpecError that lists the registered ones
+    for name in backend or ():
+        if name not in SWEEP_BACKENDS:
+            raise InputError(f"unknown backend {name!r} for the sweep; valid backends are "
+                             f"{valid_names(name, SWEEP_BACKENDS)}")
+    n = [check_int("n", x, low=1, hint="a sequence length") for x in n or ()]
+    d = [check_int("d", x, low=1, hint="a head dim") for x in d or ()]
+    B = [check_number("B", x, low=0.0, hint="an entry bound") for x in B or ()]
+    tol = [check_number("tol", x, low=0.0, high=1.0, low_open=True, high_open=True) for x in tol or ()]
+    causal = [check_bool("causal", x) for x in causal or ()]
     if given:
         product = itertools.product(
             spec or ("pairwise",), backend or SWEEP_BACKENDS, n or (1024, 4096), d or (8,),

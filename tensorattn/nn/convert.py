@@ -25,8 +25,8 @@ class LayerReport:
     sample's call (None without a sample; the largest B when the layer ran several times).
     ``poly_ok`` says whether poly runs there with a certificate for ``tol``; ``poly_bound`` is that
     certificate's bound on max|out - exact|. ``backend`` is what the layer runs (for ``"auto"``:
-    what the plan chose on the sample), ``error_bound`` its certified error on the sample (0.0 for
-    exact, None for an uncertified baseline), ``reason`` why."""
+    what the plan chose on the sample), ``error_bound`` its certified error on the sample (for
+    exact, its roundoff; None without a sample or for an uncertified baseline), ``reason`` why."""
 
     name: str
     embed_dim: int
@@ -169,18 +169,19 @@ def convert(model: nn.Module, sample: Any = None, *, spec: str | Spec = "pairwis
         if not infos:
             why = "no sample given" if sample is None else "not called on the sample"
             rows.append(LayerReport(name, new.embed_dim, new.num_heads, None, None, None, None, None, None, None,
-                                    new.backend, 0.0 if new.backend == "exact" else None, why, dropout))
+                                    new.backend, None, why, dropout))
             continue
         plan = max(infos, key=lambda info: info.B).plan
         ok, why, searched = _poly_ok(plan)
-        poly_bound = searched.certificate.output_error * searched.vmax if ok else None
+        poly_bound = replace(searched, backend="poly").error_bound if ok else None
+        exact_bound = replace(plan, backend="exact").error_bound  # exact's roundoff and casts
         if backend == "poly":
             new.backend = "poly" if ok else "exact"
-            runs, bound = new.backend, (poly_bound if ok else 0.0)
+            runs, bound = new.backend, (poly_bound if ok else exact_bound)
             reason = why if ok else f"poly refused on the sample: {why}"
         else:
             runs = plan.backend if backend == AUTO else backend
-            bound = plan.error_bound if runs == plan.backend else (0.0 if runs == "exact" else None)
+            bound = plan.error_bound if runs == plan.backend else (exact_bound if runs == "exact" else None)
             reason = plan.reason if backend == AUTO else ("requested" + ("" if ok else f"; poly: {why}"))
         rows.append(LayerReport(name, new.embed_dim, new.num_heads, plan.n, max(plan.ms), plan.B, plan.threshold,
                                 plan.passed, ok, poly_bound, runs, None if bound is None else float(bound), reason,

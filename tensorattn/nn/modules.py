@@ -17,7 +17,7 @@ from torch.nn import functional as F
 
 from .. import positional
 from ..api import attend, weights_for
-from ..checks import check_number
+from ..checks import check_bool, check_int, check_number
 from ..errors import InputError, SpecError
 from ..registry import get_backend
 from ..request import Request, with_call_signature
@@ -245,9 +245,20 @@ class MultiheadTensorAttention(_SpecModule):
         **options: Any,
     ) -> None:
         super().__init__()
-        for name, val in (("embed_dim", embed_dim), ("num_heads", num_heads)):
-            if not isinstance(val, int) or isinstance(val, bool) or val <= 0:
-                raise InputError(f"{name}={val!r} must be a positive int")
+        embed_dim = check_int("embed_dim", embed_dim, low=1, hint="the model width")
+        num_heads = check_int("num_heads", num_heads, low=1)
+        kdim = None if kdim is None else check_int("kdim", kdim, low=1, hint="the key input size, or None")
+        vdim = None if vdim is None else check_int("vdim", vdim, low=1, hint="the value input size, or None")
+        bias, batch_first = check_bool("bias", bias), check_bool("batch_first", batch_first)
+        dropout = check_number("dropout", dropout, low=0.0, high=1.0)
+        if dtype is not None and dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+            raise InputError(f"dtype={dtype!r} must be None or a torch float dtype (torch.float16, torch.bfloat16, "
+                             "torch.float32, torch.float64): the parameters are trained")
+        if device is not None:
+            try:
+                device = torch.device(device)
+            except (RuntimeError, TypeError, ValueError):
+                raise InputError(f"device={device!r} is not a torch device (e.g. 'cpu', 'cuda:0')") from None
         if embed_dim % num_heads:
             raise InputError(
                 f"embed_dim={embed_dim} is not divisible by num_heads={num_heads}; each head gets "
@@ -361,6 +372,29 @@ class MultiheadTensorAttention(_SpecModule):
             return list(x)
         return [x] * slots
 
+    def _check_inputs(self, tensors: list[torch.Tensor], slots: int) -> None:
+        """Feature sizes, dtype, device and lengths against the projections, as (batch, seq, features)."""
+        weight = self.q_proj.weight
+        names = ["query", *["key"] * slots, *["value"] * slots]
+        sizes = [self.embed_dim, *[self.kdim] * slots, *[self.vdim] * slots]
+        for t, name, size in zip(tensors, names, sizes):
+            if t.shape[-1] != size:
+                which = {"query": "embed_dim", "key": "kdim", "value": "vdim"}[name]
+                raise InputError(f"{name} has {t.shape[-1]} features (shape {tuple(t.shape)}) but the module has "
+                                 f"{which}={size}")
+            if t.dtype != weight.dtype or t.device != weight.device:
+                raise InputError(
+                    f"{name} is {t.dtype} on {t.device} but the parameters are {weight.dtype} on {weight.device}. "
+                    f"Fix: {name}.to(module.q_proj.weight) or build the module with dtype=/device="
+                )
+            if t.shape[0] != tensors[0].shape[0]:
+                raise InputError(f"{name} has batch size {t.shape[0]} but query has {tensors[0].shape[0]}")
+        for s in range(slots):
+            key, value = tensors[1 + s], tensors[1 + slots + s]
+            if key.shape[1] != value.shape[1]:
+                raise InputError(f"key and value of slot {s} have {key.shape[1]} and {value.shape[1]} tokens; "
+                                 "they must be equal")
+
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         """(N, L, E) -> (N, H, L, head_dim)."""
         N, L = x.shape[:2]
@@ -446,6 +480,9 @@ class MultiheadTensorAttention(_SpecModule):
         values = self._slots(value, "value", query if key is None else key)
         unbatched = query.dim() == 2
         tensors = [query, *keys, *values]
+        for t, name in zip(tensors, ["query", *["key"] * len(keys), *["value"] * len(values)]):
+            if not isinstance(t, torch.Tensor):
+                raise InputError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if unbatched:
             tensors = [t.unsqueeze(0) for t in tensors]
         elif not self.batch_first:
@@ -458,6 +495,7 @@ class MultiheadTensorAttention(_SpecModule):
                     "dims (seq, features) for an unbatched input"
                 )
         slots = len(keys)
+        self._check_inputs(tensors, slots)
         q_in, k_in, v_in = tensors[0], tensors[1: 1 + slots], tensors[1 + slots:]
         N, L = q_in.shape[:2]
         masks = {"key_padding_mask": self._key_padding(key_padding_mask, unbatched, slots),

@@ -26,6 +26,8 @@ class InputStats:
     vmax: float  # bound on |combined value| for one key tuple
     n_max: int
     terms: tuple[TermStats, ...] = ()
+    linf: tuple[float, ...] = ()  # max |entry| of each slot's array (query first)
+    value_linf: tuple[float, ...] = ()  # max |entry| of each value operand
 
 
 def _missing_factor(feats: str, contracted: tuple[str, ...], sizes: dict[str, int]) -> float:
@@ -56,6 +58,15 @@ class OperandMaxima:
         return cls(tuple(xs[:operands]), tuple(xs[operands: 2 * operands]), tuple(xs[2 * operands: -1]), xs[-1])
 
 
+def _max_row_norm(flat: torch.Tensor, top: float) -> float:
+    """max l2 norm over the rows of ``flat`` (max |entry| ``top``). Far from 1 the squares would
+    overflow or underflow (an inf or a too small beta), so the rows are scaled by a power of two first."""
+    if top == 0.0 or 2.0 ** -60 <= top <= 2.0 ** 60:
+        return float(flat.norm(dim=-1).max())
+    step = 2.0 ** math.floor(math.log2(top))
+    return float((flat / step).norm(dim=-1).max()) * step
+
+
 def operand_maxima(ops: Operands) -> OperandMaxima:
     spec = ops.spec
     arrays = [ops.q, *ops.keys]
@@ -70,10 +81,11 @@ def operand_maxima(ops: Operands) -> OperandMaxima:
                     linf.append(0.0)
                     continue
                 flat = t.detach().reshape(Z, t.shape[1], -1)
-                l2.append(float(flat.norm(dim=-1).max()) * _missing_factor(feats, term.contracted, ops.sizes))
-                linf.append(float(flat.abs().max()))
+                top = float(flat.abs().max())
+                l2.append(_max_row_norm(flat, top) * _missing_factor(feats, term.contracted, ops.sizes))
+                linf.append(top)
         wnorm = 1.0
-        if ops.rel is not None:
+        if ops.rel is not None and ops.rel.numel():
             wnorm = float(torch.linalg.matrix_norm(ops.rel.detach(), ord=2).max())
         vals = [float(v.detach().abs().max()) if v.numel() else 0.0 for v in ops.values]
     return OperandMaxima(tuple(l2), tuple(linf), tuple(vals), wnorm)
@@ -109,7 +121,11 @@ def input_stats(ops: Operands, maxima: OperandMaxima | None = None) -> InputStat
     if spec.is_polynomial:
         terms = term_stats(spec, scale, ops.sizes, mx)
         deciding = max(terms, key=lambda t: t.B / threshold(t.order, n_max) if n_max > 1 else t.B)
-        return InputStats(beta=sum(t.beta for t in terms), B=deciding.B, vmax=vmax, n_max=n_max, terms=terms)
+        slot_linf = [0.0] * spec.order  # max |entry| of each slot: the max over its term operands
+        for slot, top in zip((s for term in spec.terms for s in term.slots), mx.linf):
+            slot_linf[slot] = max(slot_linf[slot], top)
+        return InputStats(beta=sum(t.beta for t in terms), B=deciding.B, vmax=vmax, n_max=n_max, terms=terms,
+                          linf=tuple(slot_linf), value_linf=tuple(mx.vals))
     l2, linf, wnorm = mx.l2, mx.linf, mx.wnorm
     # Hoelder: |s| <= scale ||x_0||_2 ||x_1||_2 prod_{m>=2} ||x_m||_inf on expanded D-vectors
     beta = scale * l2[0] * l2[1] * math.prod(linf[2:]) * wnorm
@@ -117,7 +133,7 @@ def input_stats(ops: Operands, maxima: OperandMaxima | None = None) -> InputStat
     if ops.rel is not None:
         prod_entries *= wnorm
     B = (scale * ops.D * prod_entries) ** (1.0 / spec.order)
-    return InputStats(beta=beta, B=B, vmax=vmax, n_max=n_max)
+    return InputStats(beta=beta, B=B, vmax=vmax, n_max=n_max, linf=tuple(linf), value_linf=tuple(mx.vals))
 
 
 def problem_for(ops: Operands, request: Request, *, maxima: OperandMaxima | None = None, n: int | None = None,
@@ -133,5 +149,6 @@ def problem_for(ops: Operands, request: Request, *, maxima: OperandMaxima | None
         dtype="float64" if ops.dtype == torch.float64 else "float32", need_grad=need_grad,
         q_offset=ops.q_offset, relative=relative_support(ops.rel, ops.D) if ops.rel is not None else None,
         alibi_slope=ops.alibi_slope, terms=stats.terms, value_shapes=tuple(tuple(v.shape[2:]) for v in ops.values),
-        key_mask=ops.key_mask, attn_mask=ops.attn_mask is not None,
+        key_mask=ops.key_mask, attn_mask=ops.attn_mask is not None, out_dtype=ops.out_dtype_name,
+        linf=tuple(stats.linf), value_linf=tuple(stats.value_linf),
     )

@@ -5,13 +5,28 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 
 from ..approx.features import rank_for
 from ..approx.polynomials import Approximant, output_error
+from ..request import Problem
+from .cost import exact_key_blocks
 
-UNIT_ROUNDOFF = {"float32": float(np.finfo(np.float32).eps) / 2, "float64": float(np.finfo(np.float64).eps) / 2}
+#: significand bits (with the implicit one) of every dtype a computation or a result can have
+SIGNIFICAND_BITS = {"float64": 53, "float32": 24, "float16": 11, "bfloat16": 8}
+#: unit roundoff u = 2^-bits: rounding to nearest errs by at most u |x| in the normal range
+UNIT_ROUNDOFF = {name: 2.0 ** -bits for name, bits in SIGNIFICAND_BITS.items()}
+#: half the smallest subnormal: the largest rounding error below the normal range
+SUBNORMAL_ERROR = {"float64": 2.0 ** -1075, "float32": 2.0 ** -150, "float16": 2.0 ** -25, "bfloat16": 2.0 ** -134}
+#: smallest normal number of each compute dtype (exp results below it lose relative accuracy)
+SMALLEST_NORMAL = {"float64": 2.0 ** -1022, "float32": 2.0 ** -126}
+#: an exact computation stays in float32 while every partial product of the score contraction is
+#: below this (float32 overflows at 2^128; the margin covers sums over the contracted indices)
+FLOAT32_SAFE_RANGE = 2.0 ** 100
+#: past this the scores may not fit in float64 either (overflows at 2^1024): the exact path refuses
+FLOAT64_SAFE_RANGE = 2.0 ** 1000
 #: beyond this score radius even float64 roundoff (~u e^{2 beta}) exceeds any useful tolerance
 MAX_CERTIFIABLE_BETA = 18.0
 #: float32 features are refused above this beta: cancellation makes roundoff ~ u e^{2 beta}
@@ -46,7 +61,8 @@ def roundoff_estimate(approx: Approximant, beta: float, g: int, rank: int, m: in
     of its square root).
     """
     u = UNIT_ROUNDOFF[dtype]
-    return u * (2 * g + 4 * math.sqrt(rank + m)) * approx.abs_sum(beta, g) * math.exp(beta) * max(1, order - 1)
+    terms = math.sqrt(min(rank + m, 2**1000))  # a rank past 2^1000 is refused by max_rank anyway
+    return u * (2 * g + 4 * terms) * approx.abs_sum(beta, g) * math.exp(beta) * max(1, order - 1)
 
 
 def gradient_factor(eps: float, deps: float) -> float:
@@ -117,6 +133,89 @@ def certify_degree(approx: Approximant, beta: float, g: int, D: int, m: int, ord
         return None
     dtype = feature_dtype or ("float64" if input_dtype == "float64" or beta > FLOAT32_MAX_BETA else "float32")
     return certify(approx, beta, g, D, m, order, dtype)
+
+
+def rotation_error(problem: Problem) -> float:
+    """Bound on max|out - exact| / vmax from the RoPE rotation (spec ``rope``), for every backend:
+    cos and sin are evaluated in float64 from float64 angles (position * base^(-2l/d), off by at
+    most u64 * angle <= u64 * last position for base >= 1) and rounded to the compute dtype, so every
+    rotated coordinate errs by a few u |x|; the scores move by at most
+    ds = beta (8 u + 2 u64 * last position), every weight by a factor within e^(+-2 ds)."""
+    if problem.spec.positional != "rope":
+        return 0.0
+    last = problem.q_offset + problem.n + max(problem.ms)
+    ds = problem.beta * (8 * UNIT_ROUNDOFF[problem.dtype] + 2 * last * UNIT_ROUNDOFF["float64"])
+    return output_error(math.expm1(min(2 * ds, 700.0)))
+
+
+def cast_error(magnitude: float, steps: Sequence[str]) -> float:
+    """Bound on the error of rounding a result with |x| <= ``magnitude`` through the dtypes
+    ``steps`` (from the dtype it is computed in to the dtype the caller receives): every narrowing
+    step adds u |x| in the normal range plus half the smallest subnormal below it."""
+    err = 0.0
+    for a, b in zip(steps, steps[1:]):
+        if SIGNIFICAND_BITS[b] < SIGNIFICAND_BITS[a]:
+            err += UNIT_ROUNDOFF[b] * (magnitude + err) + SUBNORMAL_ERROR[b]
+    return err
+
+
+def _gamma(count: float, u: float) -> float:
+    """gamma_n = n u / (1 - n u): the relative error bound of a sum or product of n terms."""
+    return count * u / (1.0 - count * u) if count * u < 1.0 else math.inf
+
+
+def numeric_range(problem: Problem) -> float:
+    """Bound on every magnitude an exact computation must represent: each partial sum and product of
+    the score contraction (also times the scale), and the running sums of tuple values."""
+    terms = problem.D * problem.D if problem.spec.positional == "relative" else problem.D
+    linf = problem.linf or (problem.B,) * problem.order
+    wnorm = problem.relative.wnorm if problem.relative is not None else 1.0
+    contraction = terms * math.prod(max(1.0, x) for x in linf) * max(1.0, wnorm)
+    return max(contraction * max(1.0, abs(problem.scale)), problem.beta, problem.vmax * math.prod(problem.ms))
+
+
+def exact_dtype(problem: Problem) -> str:
+    """The dtype the exact backend computes in: the inputs' compute dtype, or float64 when float32
+    could overflow on these scores or values (so the output stays finite and right)."""
+    if problem.dtype == "float64" or numeric_range(problem) > FLOAT32_SAFE_RANGE:
+        return "float64"
+    return "float32"
+
+
+def exact_error(problem: Problem, dtype: str) -> float:
+    """Bound on max|out - exact| / vmax for the exact backend computing in ``dtype``: the rounding
+    of the scores, of exp(s - running max) and the online rescaling, and of the sums over key
+    tuples; standard-model bounds, worst case in every term (docs/design.md#numerics)."""
+    u = UNIT_ROUNDOFF[dtype]
+    spec, k, beta = problem.spec, problem.order, problem.beta
+    if spec.positional == "relative":
+        support = problem.relative
+        # |sum_ab q_a W_ab k_b| <= |q| || |W| ||_2 |k|: the absolute sum may exceed beta by || |W| || / ||W||
+        ratio = support.abs_norm / support.wnorm if support is not None and support.wnorm > 0 else problem.D
+        beta_abs, terms = beta * max(1.0, ratio), problem.D * problem.D
+    else:
+        beta_abs, terms = beta, problem.D
+    blocks = exact_key_blocks(problem.ms)
+    per_block = math.prod(blocks)
+    n_blocks = math.prod(-(-m // b) for m, b in zip(problem.ms, blocks))
+    tuples = math.prod(problem.ms)
+    # relative error of every weight exp(s - max): the score (a sum of `terms` products of k
+    # factors, times scale), the subtraction and exp (|s - max| <= 2 beta), one rescale per block
+    eps = u * ((terms + k + 2) * beta_abs + 4 * beta_abs + 4 + 3 * n_blocks)
+    err = output_error(eps)
+    if problem.alibi_slope:
+        # a bias b <= 0 errs by ~4u|b| relatively; weighted by e^b e^s over a normalizer >= e^-beta,
+        # the total is at most min(max|b|, tuples e^(2 beta - 1)) (the nearest key has b = 0)
+        biggest = problem.alibi_slope * (problem.q_offset + problem.n + max(problem.ms))
+        err += 8 * u * min(biggest, tuples * math.exp(min(2 * beta, 700.0) - 1.0))
+    # numerator and normalizer sums (within a block, then over blocks), the value products and
+    # summed value indices, the division; weights that underflow err by < the smallest normal
+    summed = max(1, math.prod(problem.value_dims) // max(1, problem.E))
+    g = _gamma(per_block + n_blocks + k + summed + 2, u)
+    err += 2 * g + u + 2 * tuples * SMALLEST_NORMAL[dtype]
+    # the result is a rounded convex combination of the tuple values: never off by more than this
+    cap = 1.0 + (1.0 + g) * (1.0 + u) / (1.0 - g) if g < 1.0 else math.inf
+    return min(err, cap)
 
 
 @dataclass(frozen=True)

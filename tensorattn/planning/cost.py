@@ -8,6 +8,14 @@ import math
 EXP_FLOPS = 10
 #: poly's measured slowdown per counted flop relative to exact (gathers, cumsums); auto uses it
 POLY_OVERHEAD = 2.0
+#: key tuples per tile of the exact backend (the block of every key slot is about its (k-1)-th root)
+EXACT_TILE_TUPLES = 1024
+
+
+def exact_key_blocks(ms: tuple[int, ...]) -> tuple[int, ...]:
+    """Keys per block of each slot in the exact backend's tiles (its roundoff bound counts them too)."""
+    side = max(1, int(round(EXACT_TILE_TUPLES ** (1.0 / len(ms)))))
+    return tuple(max(1, min(m, side)) for m in ms)
 
 
 def exact_flops(Z: int, n: int, ms: tuple[int, ...], D: int, E: int, causal: bool) -> int:

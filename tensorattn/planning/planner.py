@@ -11,22 +11,31 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Mapping
 
+from .. import positional
 from ..approx.polynomials import get_approximant
-from ..checks import check_int, check_number
+from ..checks import check_int, check_number, shorten
 from ..errors import BoundError, InputError
-from ..inputs import Operands
+from ..inputs import Operands, check_finite, check_positions, to_tensor
 from ..registry import AUTO, Backend, backends_serving, registered, serving
-from ..request import Problem, Request, default_scale
+from ..request import MAX_POSITION, Problem, Request, default_scale
 from ..spec import Spec, get_spec
 from .bounds import OperandMaxima, problem_for, threshold
 from .certificate import (
+    FLOAT32_SAFE_RANGE,
+    FLOAT64_SAFE_RANGE,
+    SUBNORMAL_ERROR,
     Certificate,
     PolynomialCertificate,
+    cast_error,
     certify_degree,
     choose_certificate,
     choose_polynomial_certificate,
+    exact_dtype,
+    exact_error,
+    numeric_range,
+    rotation_error,
 )
 from .cost import POLY_OVERHEAD, exact_flops, poly_flops, polynomial_exact_flops
 from .network import Network, build_networks, method_flops, poly_methods
@@ -38,6 +47,9 @@ from .relative import (
     relative_exact_flops,
     relative_support,
 )
+
+#: the dtypes ta.plan accepts (those of the inputs)
+PLAN_DTYPES = ("float16", "bfloat16", "float32", "float64")
 
 SETH_SENTENCE = (
     "Past tau_k(n) = (ln n)^(1/k), no algorithm computes order-{k} attention in truly "
@@ -149,13 +161,63 @@ class Plan:
         return "within bound" if self.passed else "past threshold"
 
     @property
-    def error_bound(self) -> float | None:
-        """Certified bound on max|out - exact| for the chosen backend (0.0 for exact)."""
+    def exact_dtype(self) -> str:
+        """The dtype the exact backend computes in (float64 when float32 could overflow)."""
+        return exact_dtype(self.problem)
+
+    @property
+    def unit_divisors(self) -> tuple[float, ...]:
+        """A power of two near max |entry| of each score operand (1.0 for operands already near 1).
+
+        A score is homogeneous in every operand, s = scale * <x_0, ..., x_{k-1}>, so dividing x_m by
+        c_m and multiplying the scale by prod c_m changes only magnitudes: the polynomial features
+        stay near 1 instead of overflowing (|x|^g) or underflowing, and no rounding is added. An
+        attention polynomial is not homogeneous in each slot, so its operands stay as they are."""
+        if self.problem.spec.is_polynomial:
+            return (1.0,) * self.order
+        return _powers_of_two(self.problem.linf or (1.0,) * self.order)
+
+    @property
+    def value_divisors(self) -> tuple[float, ...]:
+        """A power of two near max |entry| of each value operand (1.0 near 1). The result is linear
+        in every value slot, so the backends run on values near 1 (no underflow in products of
+        tiny values, no overflow of large ones) and the result is multiplied back exactly."""
+        return _powers_of_two(self.problem.value_linf or (1.0,) * (self.order - 1))
+
+    @property
+    def compute_error(self) -> float | None:
+        """Certified bound on max|out - exact| of the result in the dtype it is computed in (the
+        feature dtype for poly): approximation and roundoff, before any cast, the RoPE rotation
+        (spec ``rope``) and half a subnormal for the power-of-two rescaling of the values; None
+        without a certificate."""
         if self.backend == "exact":
-            return 0.0
-        if self.backend == "poly" and self.certificate is not None:
-            return self.certificate.output_error * self.vmax
-        return None
+            err = exact_error(self.problem, self.exact_dtype) * self.vmax
+        elif self.backend == "poly" and self.certificate is not None:
+            err = self.certificate.output_error * self.vmax
+        else:
+            return None
+        return err + rotation_error(self.problem) * self.vmax + SUBNORMAL_ERROR[self.problem.dtype]
+
+    @property
+    def cast_steps(self) -> tuple[str, ...]:
+        """The dtypes the result passes through, from the one it is computed in to the caller's."""
+        first = self.exact_dtype if self.backend == "exact" else (
+            "float64" if self.relative is not None else self.certificate.feature_dtype)
+        result = self.problem.result_dtype
+        # a float64 result cast to a half dtype may be rounded to float32 on the way: count both
+        via = ("float32",) if result in ("float16", "bfloat16") else ()
+        return (first, self.problem.dtype, *via, result)
+
+    @property
+    def error_bound(self) -> float | None:
+        """Certified bound on max|out - exact| for what the caller receives, exact being the
+        attention of the inputs as given, in exact arithmetic: ``compute_error`` plus the rounding
+        of every narrowing cast on the way to the caller's dtype (float64 -> float32, float32 ->
+        float16 / bfloat16). None for backends without a certificate (docs/design.md#the-certificate)."""
+        err = self.compute_error
+        if err is None:
+            return None
+        return err + cast_error(self.vmax + err, self.cast_steps)
 
     @property
     def score_grad_bound(self) -> float | None:
@@ -214,6 +276,13 @@ class Plan:
                          f"{self.request.max_degree}")
         if self.rel_folded:
             lines.append("  Relative W:         the same matrix at every offset: folded into q, pairwise path")
+        bound = self.error_bound
+        cast = 0.0 if bound is None else bound - (self.compute_error or 0.0)
+        if bound is not None and self.vmax > 0 and (self.backend != "poly" or cast > 0):
+            lines.append(f"  Error bound:        {bound / self.vmax:.3e} * max|v| for {self.backend}'s "
+                         f"{p.result_dtype} result" + (f" (of which {cast / self.vmax:.2e} the cast "
+                                                       f"{' -> '.join(dict.fromkeys(self.cast_steps))})"
+                                                       if cast > 0 else ""))
         lines.append(f"  Exact flops:        {self.flops_exact:.3e}")
         if self.flops_poly is not None:
             lines.append(
@@ -280,19 +349,44 @@ def _poly_certificate(problem: Problem, request: Request) -> tuple[Any, Any, str
             need_grad=problem.need_grad, degree=request.degree,
         )
     m = max(problem.ms)
+    # float32 statistics U^T [v | 1] would overflow on values this large: float64 features
+    wide = problem.vmax * m > FLOAT32_SAFE_RANGE
+    feature_dtype = request.feature_dtype or ("float64" if wide else None)
     if request.degree is not None:
         cert = certify_degree(approx, problem.beta, request.degree, problem.D, m, problem.order,
-                              input_dtype=problem.dtype, feature_dtype=request.feature_dtype)
+                              input_dtype=problem.dtype, feature_dtype=feature_dtype)
     else:
         cert = choose_certificate(approx, problem.beta, request.tol, problem.D, m, problem.order,
                                   input_dtype=problem.dtype, max_degree=request.max_degree,
-                                  need_grad=problem.need_grad, feature_dtype=request.feature_dtype)
+                                  need_grad=problem.need_grad, feature_dtype=feature_dtype)
     return cert, None, ""
 
 
 def make_plan(problem: Problem, request: Request, backends: dict[str, Backend] | None = None) -> Plan:
     """Decide everything about one call; raise BoundError / InputError with numbers when refused."""
-    registry = registered() if backends is None else backends
+    return _check_range(_decide(problem, request, registered() if backends is None else backends))
+
+
+def _check_range(plan: Plan) -> Plan:
+    """Refuse, with the numbers, a call whose scores or value sums may not fit in float64: no backend
+    could return a finite, right answer (past float32's range exact computes in float64)."""
+    p = plan.problem
+    values = p.vmax * math.prod(p.ms)
+    scores = numeric_range(p) if plan.backend in ("exact", "sdpa") else 0.0
+    if max(values, scores) > FLOAT64_SAFE_RANGE:
+        what = (f"the values (max |value of a key tuple| = {p.vmax:.3g}, summed over {math.prod(p.ms):,} key tuples)"
+                if values > FLOAT64_SAFE_RANGE else
+                f"the score contraction (max |entry| of q and the keys = {', '.join(f'{x:.3g}' for x in p.linf)}, "
+                f"scale = {p.scale:.3g}, score radius beta = {p.beta:.3g})")
+        raise InputError(
+            f"spec {p.spec.name!r}: {what} may exceed float64's range (about 1.8e308), so backend "
+            f"{plan.backend!r} cannot return a finite, correct result. Fix: rescale the inputs (or the scale) "
+            "toward magnitude 1"
+        )
+    return plan
+
+
+def _decide(problem: Problem, request: Request, registry: dict[str, Backend]) -> Plan:
     spec = problem.spec
     tau = threshold(spec.order, problem.n_max)
     passed = problem.B < tau
@@ -374,7 +468,7 @@ def make_plan(problem: Problem, request: Request, backends: dict[str, Backend] |
         if request.on_unbounded == "raise":
             raise BoundError(_bound_message(plan, "backend='poly' refused"))
         if request.on_unbounded == "fallback":
-            warnings.warn(_bound_message(plan, "falling back to exact"), BoundWarning, stacklevel=4)
+            warnings.warn(_bound_message(plan, "falling back to exact"), BoundWarning, stacklevel=5)
             return replace(plan, backend="exact", reason="fallback: B past the threshold")
     if cert is None:
         raise BoundError(
@@ -398,6 +492,21 @@ def plan_for(ops: Operands, request: Request, *, maxima: OperandMaxima | None = 
     """The plan for validated operands. A sequence-parallel caller passes the global operand
     ``maxima`` and sizes ``n``, ``ms``, so that every shard plans the whole sequence."""
     return make_plan(problem_for(ops, request, maxima=maxima, n=n, ms=ms), request)
+
+
+def _powers_of_two(maxima: tuple[float, ...]) -> tuple[float, ...]:
+    """2^floor(log2 x) for every max |entry| x, or all 1.0 when each is 0 or within [2^-16, 2^16]."""
+    if all(x == 0.0 or 2.0 ** -16 <= x <= 2.0 ** 16 for x in maxima):
+        return (1.0,) * len(maxima)
+    return tuple(2.0 ** math.floor(math.log2(x)) if x > 0 else 1.0 for x in maxima)
+
+
+def _power(x: float, k: int) -> float:
+    """x ** k, inf when it overflows (the plan then refuses with the numbers instead of crashing)."""
+    try:
+        return x**k
+    except OverflowError:
+        return math.inf
 
 
 def plan(
@@ -428,45 +537,58 @@ def plan(
     """
     spec = get_spec(spec)
     request, spec_options = Request.from_call(spec, **options)
-    n = check_int("n", n, low=1, hint="the number of queries")
-    m = n if m is None else check_int("m", m, low=1, hint="the number of keys per slot")
+    spec_options = positional.check_options(spec.positional, spec_options)
+    n = check_int("n", n, low=1, high=MAX_POSITION, hint="the number of queries")
+    m = n if m is None else check_int("m", m, low=1, high=MAX_POSITION, hint="the number of keys per slot")
     if sizes is None:
         if d is None:
             raise InputError("plan() needs d= (size of every contracted index) or sizes={letter: size}")
-        d = check_int("d", d, low=1, hint="the size of every contracted index")
+        d = check_int("d", d, low=1, high=MAX_POSITION, hint="the size of every contracted index")
         sizes = {c: d for c in spec.contracted}
+    if not isinstance(sizes, Mapping):
+        raise InputError(f"sizes={shorten(repr(sizes))} must be a dict {{index letter: size}}, e.g. {{'d': 8}}")
     missing = [c for c in spec.contracted if c not in sizes]
     if missing:
         raise InputError(f"plan(): sizes has no entry for contracted index {missing[0]!r} of {spec.score!r}")
-    sizes = {c: check_int(f"sizes[{c!r}]", s, low=1) for c, s in sizes.items()}
-    e = (d or 1) if e is None else check_int("e", e, low=0, hint="the value size")
-    batch = check_int("batch", batch, low=1)
-    if dtype not in ("float32", "float64"):
-        raise InputError(f"dtype={dtype!r} must be 'float32' or 'float64' (the compute dtype of the inputs)")
+    sizes = {c: check_int(f"sizes[{c!r}]", s, low=1, high=MAX_POSITION) for c, s in sizes.items()}
+    e = (d or 1) if e is None else check_int("e", e, low=0, high=MAX_POSITION, hint="the value size")
+    batch = check_int("batch", batch, low=1, high=MAX_POSITION)
+    dtype_name = str(dtype).rsplit(".", 1)[-1] if not isinstance(dtype, str) else dtype
+    if dtype_name not in PLAN_DTYPES:
+        raise InputError(f"dtype={shorten(repr(dtype))} must be one of {', '.join(map(repr, PLAN_DTYPES))} (the "
+                         "dtype of the inputs; float16 and bfloat16 are computed in float32)")
+    check_positions(n, (m,) * (spec.order - 1), request.causal, request.q_offset)
     D = spec.feature_dim(sizes)
     k = spec.order
     scale = default_scale(D) if request.scale is None else request.scale
     W = spec_options.get("rel")
-    support = relative_support(W, D) if W is not None else None
+    support = None
+    if W is not None:
+        Wt = to_tensor(W, "rel")[0]
+        check_finite(Wt, "rel")
+        support = relative_support(Wt, D)
     if beta is None:
         if bound is None:
             raise InputError("plan() needs bound= (max |entry| of q and k) or beta= (score radius)")
         bound = check_number("bound", bound, low=0.0, hint="the largest |entry| of q and the keys")
         w = support.wnorm if support is not None else 1.0  # relative: ||W_t||_2 <= 1 unless W is given
-        beta = abs(scale) * D * bound**k * w
+        beta = abs(scale) * D * _power(bound, k) * w
         B = beta ** (1.0 / k)
     else:
         beta = check_number("beta", beta, low=0.0, hint="the score radius max|s|")
         if bound is None:
             B = beta ** (1.0 / k)
         else:
-            B = (abs(scale) * D * check_number("bound", bound, low=0.0) ** k) ** (1.0 / k)
+            bound = check_number("bound", bound, low=0.0, hint="the largest |entry| of q and the keys")
+            B = (abs(scale) * D * _power(bound, k)) ** (1.0 / k)
     ve = spec.value_einsum
     value_dims = tuple(e ** len(letters) for letters in ve.value_letters)
     problem = Problem(
         spec=spec, n=n, ms=(m,) * (k - 1), D=D, value_dims=value_dims, E=e ** len(ve.out_letters),
-        beta=beta, B=B, scale=scale, Z=batch, causal=request.causal, vmax=1.0, dtype=dtype,
+        beta=beta, B=B, scale=scale, Z=batch, causal=request.causal, vmax=1.0,
+        dtype="float64" if dtype_name == "float64" else "float32", out_dtype=dtype_name,
         need_grad=bool(request.need_grad), q_offset=request.q_offset or 0, relative=support,
         alibi_slope=float(spec_options.get("alibi_slope") or 0.0),
+        linf=(bound,) * k if bound is not None else (),
     )
     return make_plan(problem, request)

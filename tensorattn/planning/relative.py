@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -33,7 +33,7 @@ from scipy import fft as scipy_fft
 from ..approx.features import monomial_tables, rank_for
 from ..approx.polynomials import Approximant
 from ..errors import InputError
-from .certificate import UNIT_ROUNDOFF, Certificate, certify
+from .certificate import MAX_CERTIFIABLE_BETA, UNIT_ROUNDOFF, Certificate, certify
 
 #: flops of one real FFT of length N (split radix, real input): about 2.5 N log2 N
 FFT_FLOPS = 2.5
@@ -43,6 +43,38 @@ FFT_ERROR_CONSTANT = 5.0
 #: of W_{i-j} is slow); ``backend='auto'`` uses it. Measured 0.23-0.41 for d = 4 rotations, n = 128
 #: to 4,096, one thread (benchmarks/relative_scaling.py); the upper end keeps auto conservative.
 RELATIVE_OVERHEAD = 0.4
+
+
+class AllPairs(Sequence):
+    """Every pair (a, b) of a d x d matrix, in row-major order, without building them: a plan for
+    an unknown dense W of any d needs their count, and the list only when the rank is small."""
+
+    def __init__(self, d: int):
+        self.d = d
+
+    def __len__(self) -> int:
+        return self.d * self.d
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if not -len(self) <= i < len(self):
+            raise IndexError(i)
+        return divmod(i % len(self), self.d)
+
+    def __iter__(self):
+        return ((a, b) for a in range(self.d) for b in range(self.d))
+
+    def __hash__(self) -> int:
+        return hash(("all pairs", self.d))
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, AllPairs):
+            return other.d == self.d
+        return isinstance(other, tuple) and len(other) == len(self) and tuple(self) == other
+
+    def __repr__(self) -> str:
+        return f"AllPairs({self.d})"
 
 
 @dataclass(frozen=True)
@@ -59,8 +91,7 @@ class RelativeSupport:
     @classmethod
     def dense(cls, d: int, wnorm: float = 1.0) -> "RelativeSupport":
         """Unknown W with ||W_t||_2 <= wnorm: every pair, |W_t[a, b]| <= wnorm."""
-        pairs = tuple((a, b) for a in range(d) for b in range(d))
-        return cls(d, pairs, float(d * d * wnorm), float(d * wnorm), float(wnorm))
+        return cls(d, AllPairs(d), float(d * d * wnorm), float(d * wnorm), float(wnorm))
 
     @property
     def nnz(self) -> int:
@@ -223,11 +254,11 @@ def fft_roundoff(approx: Approximant, beta: float, beta_abs: float, g: int, N: i
     add the rounding of W to the compute dtype.
     """
     u = UNIT_ROUNDOFF["float64"]
+    if beta + decay > 700:
+        return math.inf
     coeffs = approx.coefficients(float(beta), g)
     mag = float(np.sum(np.abs(coeffs) * float(beta_abs) ** np.arange(g + 1)))
     growth = FFT_ERROR_CONSTANT * math.log2(max(N, 2)) + 2 * g
-    if beta + decay > 700:
-        return math.inf
     rnd = 2 * u * growth * math.sqrt(N * (n + m - 1) * m) * mag * math.exp(beta + decay)
     if input_dtype == "float32":
         rnd += 2 * UNIT_ROUNDOFF["float32"] * beta_abs
@@ -270,6 +301,8 @@ def choose_relative(
     Returns (certificate, terms, "") or, when no degree <= max_degree certifies tol, (None, None, why).
     A pinned ``degree`` is certified as it is, whatever tol.
     """
+    if not beta <= MAX_CERTIFIABLE_BETA:
+        return None, None, f"the score radius beta = {beta:.4g} is past {MAX_CERTIFIABLE_BETA:g} (no certificate)."
     d, nnz = support.d, support.nnz
     N = fft_length(n, m)
     wn = support.wnorm

@@ -6,9 +6,18 @@ import string
 from dataclasses import dataclass
 from functools import lru_cache
 
+from ..checks import shorten
 from ..errors import SpecError
 
 _LETTERS = set(string.ascii_letters)
+#: the largest order (token slots, query included) a spec may have: exact attention of order k
+#: costs n^k, so past this no call finishes at any useful n (docs/specs.md)
+MAX_ORDER = 8
+
+
+def _q(text: str) -> str:
+    """repr of a user string for a message, cut when long (an einsum can be any length)."""
+    return shorten(repr(text))
 
 
 @dataclass(frozen=True)
@@ -55,28 +64,29 @@ def _split(expr: str, what: str) -> tuple[list[str], str]:
     compact = expr.replace(" ", "")
     if "->" not in compact:
         raise SpecError(
-            f"{what} einsum {expr!r} has no '->': write the output explicitly, e.g. 'id,jd->ij'"
+            f"{what} einsum {_q(expr)} has no '->': write the output explicitly, e.g. 'id,jd->ij'"
         )
     lhs, _, rhs = compact.partition("->")
     if "->" in rhs:
-        raise SpecError(f"{what} einsum {expr!r} has more than one '->'")
+        raise SpecError(f"{what} einsum {_q(expr)} has more than one '->'")
     for ch in lhs.replace(",", "") + rhs:
         if ch not in _LETTERS:
             raise SpecError(
-                f"{what} einsum {expr!r} contains the character {ch!r}; only ASCII letters, ',' and "
+                f"{what} einsum {_q(expr)} contains the character {ch!r}; only ASCII letters, ',' and "
                 "'->' are allowed (no ellipsis: leading batch/head dims are implicit)"
             )
     operands = lhs.split(",") if lhs else []
     for pos, op in enumerate(operands):
         if not op:
-            raise SpecError(f"{what} einsum {expr!r}: operand {pos} is empty")
+            raise SpecError(f"{what} einsum {_q(expr)}: operand {pos} is empty")
         if len(set(op)) != len(op):
+            repeated = next(ch for i, ch in enumerate(op) if ch in op[:i])
             raise SpecError(
-                f"{what} einsum {expr!r}: operand {pos} ({op!r}) repeats an index; traces and "
+                f"{what} einsum {_q(expr)}: operand {pos} repeats index {repeated!r}; traces and "
                 "diagonals are not supported"
             )
     if len(set(rhs)) != len(rhs):
-        raise SpecError(f"{what} einsum {expr!r}: output {rhs!r} repeats an index")
+        raise SpecError(f"{what} einsum {_q(expr)}: output {_q(rhs)} repeats an index")
     return operands, rhs
 
 
@@ -84,9 +94,17 @@ def _split(expr: str, what: str) -> tuple[list[str], str]:
 def parse_score(expr: str) -> ScoreEinsum:
     """Parse a score einsum with one operand per token slot; raise SpecError explaining any problem."""
     operands, output = _split(expr, "score")
+    if len(operands) > MAX_ORDER:
+        k = len(operands)
+        raise SpecError(
+            f"score einsum {_q(expr)} has {k} token slots (order {k}); tensorattn supports orders up to "
+            f"{MAX_ORDER}. Exact attention of order k visits n^(k-1) key tuples per query ({3 ** (k - 1):.2e} "
+            f"already at n = 3 tokens, {64 ** (k - 1):.2e} at n = 64), and the polynomial method's threshold "
+            f"(ln n)^(1/k) tends to 1, so no order-{k} call would finish. Fix: use at most {MAX_ORDER} token slots"
+        )
     if len(operands) < 2:
         raise SpecError(
-            f"score einsum {expr!r} has {len(operands)} operand(s); it needs a query slot and at "
+            f"score einsum {_q(expr)} has {len(operands)} operand(s); it needs a query slot and at "
             "least one key slot, e.g. 'id,jd->ij'"
         )
     return _parse_operands(expr, operands, output)
@@ -105,7 +123,7 @@ def parse_term(expr: str) -> ScoreEinsum:
 def _parse_operands(expr: str, operands: list[str], output: str) -> ScoreEinsum:
     if not output:
         raise SpecError(
-            f"score einsum {expr!r} has an empty output; list every token index, query first, "
+            f"score einsum {_q(expr)} has an empty output; list every token index, query first, "
             "e.g. 'id,jd->ij'"
         )
     out_set = set(output)
@@ -116,19 +134,19 @@ def _parse_operands(expr: str, operands: list[str], output: str) -> ScoreEinsum:
             role = "query" if pos == 0 else f"key slot {pos}"
             found = "none" if not tok else ", ".join(repr(t) for t in tok)
             raise SpecError(
-                f"score einsum {expr!r}: operand {pos} ({op!r}, the {role}) must carry exactly one "
+                f"score einsum {_q(expr)}: operand {pos} ({_q(op)}, the {role}) must carry exactly one "
                 f"token index (an index that appears in the output), found {found}"
             )
         if op[0] != tok[0]:
             raise SpecError(
-                f"score einsum {expr!r}: operand {pos} ({op!r}) must start with its token index "
+                f"score einsum {_q(expr)}: operand {pos} ({_q(op)}) must start with its token index "
                 f"{tok[0]!r} (arrays are laid out (..., tokens, features...)); write "
-                f"{tok[0] + op.replace(tok[0], '')!r}"
+                f"{_q(tok[0] + op.replace(tok[0], ''))}"
             )
         if tok[0] in tokens:
             other = tokens.index(tok[0])
             raise SpecError(
-                f"score einsum {expr!r}: token index {tok[0]!r} is shared by operands {other} and "
+                f"score einsum {_q(expr)}: token index {tok[0]!r} is shared by operands {other} and "
                 f"{pos}; every slot needs its own token index"
             )
         tokens.append(tok[0])
@@ -143,8 +161,8 @@ def _parse_operands(expr: str, operands: list[str], output: str) -> ScoreEinsum:
         if not detail:
             detail.append("token indices out of operand order")
         raise SpecError(
-            f"score einsum {expr!r}: output {output!r} must list every token index in operand "
-            f"order, i.e. {''.join(tokens)!r} ({'; '.join(detail)})"
+            f"score einsum {_q(expr)}: output {_q(output)} must list every token index in operand "
+            f"order, i.e. {_q(''.join(tokens))} ({'; '.join(detail)})"
         )
     features = tuple(op[1:] for op in operands)
     contracted: list[str] = []
@@ -153,7 +171,7 @@ def _parse_operands(expr: str, operands: list[str], output: str) -> ScoreEinsum:
             if ch not in contracted:
                 contracted.append(ch)
     if not contracted:
-        raise SpecError(f"score einsum {expr!r} contracts no feature index; every score would be 1")
+        raise SpecError(f"score einsum {_q(expr)} contracts no feature index; every score would be 1")
     return ScoreEinsum(expr, tuple(operands), output, tuple(tokens), features, tuple(contracted))
 
 
@@ -171,40 +189,40 @@ def parse_value(expr: str, score: ScoreEinsum) -> ValueEinsum:
     keys = score.tokens[1:]
     if len(operands) != len(keys):
         raise SpecError(
-            f"value einsum {expr!r} has {len(operands)} operand(s) but score einsum "
-            f"{score.expr!r} has {len(keys)} key slot(s); give one value operand per key slot"
+            f"value einsum {_q(expr)} has {len(operands)} operand(s) but score einsum "
+            f"{_q(score.expr)} has {len(keys)} key slot(s); give one value operand per key slot"
         )
     value_letters = []
     for pos, (op, tok) in enumerate(zip(operands, keys)):
         if op[0] != tok:
             raise SpecError(
-                f"value einsum {expr!r}: operand {pos} ({op!r}) must start with the token index "
+                f"value einsum {_q(expr)}: operand {pos} ({_q(op)}) must start with the token index "
                 f"{tok!r} of key slot {pos + 1}"
             )
         bad = [ch for ch in op[1:] if ch in score.tokens]
         if bad:
             raise SpecError(
-                f"value einsum {expr!r}: operand {pos} ({op!r}) uses token index {bad[0]!r} as a "
+                f"value einsum {_q(expr)}: operand {pos} ({_q(op)}) uses token index {bad[0]!r} as a "
                 "value index; each value operand carries only its own slot's token index"
             )
         value_letters.append(op[1:])
     if not output or output[0] != score.tokens[0]:
         raise SpecError(
-            f"value einsum {expr!r}: output {output!r} must start with the query token index "
-            f"{score.tokens[0]!r}, e.g. '{','.join(t + 'e' for t in keys)}->{score.tokens[0]}e'"
+            f"value einsum {_q(expr)}: output {_q(output)} must start with the query token index "
+            f"{score.tokens[0]!r}, e.g. {_q(','.join(t + 'e' for t in keys) + '->' + score.tokens[0] + 'e')}"
         )
     out_letters = output[1:]
     bad = [ch for ch in out_letters if ch in score.tokens]
     if bad:
         raise SpecError(
-            f"value einsum {expr!r}: output {output!r} keeps token index {bad[0]!r}; key token "
+            f"value einsum {_q(expr)}: output {_q(output)} keeps token index {bad[0]!r}; key token "
             "indices are summed by attention and cannot appear in the output"
         )
     seen = set("".join(value_letters))
     unknown = [ch for ch in out_letters if ch not in seen]
     if unknown:
         raise SpecError(
-            f"value einsum {expr!r}: output index {unknown[0]!r} appears in no value operand"
+            f"value einsum {_q(expr)}: output index {unknown[0]!r} appears in no value operand"
         )
     summed = tuple(sorted(seen - set(out_letters)))
     return ValueEinsum(expr, tuple(operands), output, tuple(value_letters), out_letters, summed)

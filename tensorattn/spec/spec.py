@@ -9,11 +9,17 @@ from math import prod
 from types import MappingProxyType
 from typing import Any, Mapping
 
+from ..checks import shorten
 from ..errors import SpecError
-from .parser import ScoreEinsum, ValueEinsum, default_value_expr, parse_score, parse_value
+from .parser import MAX_ORDER, ScoreEinsum, ValueEinsum, default_value_expr, parse_score, parse_value
 from .polynomial import SlotLayout, Structure, Term, parse_polynomial
 
 POSITIONAL_KINDS = (None, "rope", "relative")
+#: the options every spec of a positional kind has, with their defaults (a spec may override them)
+POSITIONAL_OPTIONS = {
+    "rope": {"rope_base": 10000.0, "rope_layout": "interleaved"},
+    "relative": {"rel": None, "alibi_slope": None},
+}
 
 
 @dataclass(frozen=True)
@@ -54,8 +60,11 @@ class Spec:
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.isidentifier():
             raise SpecError(
-                f"spec name {self.name!r} must be a non-empty identifier such as 'my_spec'"
+                f"spec name {shorten(repr(self.name))} must be a non-empty identifier such as 'my_spec'"
             )
+        if not isinstance(self.score, str):
+            raise SpecError(f"spec {self.name!r}: score einsum must be a string like 'id,jd->ij', got "
+                            f"{type(self.score).__name__}")
         if self.coefficients is not None:
             coeffs = tuple(self.coefficients) if isinstance(self.coefficients, (list, tuple)) else None
             if coeffs is None or not all(
@@ -76,18 +85,30 @@ class Spec:
             object.__setattr__(self, "block_sizes", MappingProxyType(dict(self.block_sizes)))
         layout = self.slots  # parses the score; raises SpecError naming the term
         value = self.value if self.value is not None else default_value_expr(layout)
+        if not isinstance(value, str):
+            raise SpecError(f"spec {self.name!r}: value einsum must be a string like 'je,ke->ie' or None, got "
+                            f"{type(value).__name__}")
         object.__setattr__(self, "value", value.replace(" ", ""))
         parse_value(self.value, layout)
-        if self.positional not in POSITIONAL_KINDS:
+        if layout.order > MAX_ORDER and self.exact_path == "tuples":
+            k = layout.order
             raise SpecError(
-                f"spec {self.name!r}: positional={self.positional!r} is not one of "
+                f"spec {self.name!r}: score {shorten(repr(self.score))} has {k} token slots and is not a tree "
+                f"of pairwise terms ({self.structure.kind}), so exact attention would visit n^{k - 1} key tuples "
+                f"per query ({3 ** (k - 1):.2e} already at n = 3); tensorattn supports up to {MAX_ORDER} slots "
+                f"for such scores. Fix: use at most {MAX_ORDER} token slots, or a tree of pairwise terms (any "
+                "number of slots, exact in quadratic time)"
+            )
+        if not (self.positional is None or isinstance(self.positional, str)) or self.positional not in POSITIONAL_KINDS:
+            raise SpecError(
+                f"spec {self.name!r}: positional={shorten(repr(self.positional))} is not one of "
                 f"{POSITIONAL_KINDS}"
             )
         if self.positional is not None:
             if not self.structure.single or layout.order != 2 or layout.features != ("d", "d"):
                 raise SpecError(
                     f"spec {self.name!r}: positional={self.positional!r} needs the pairwise score "
-                    f"'id,jd->ij', got {self.score!r}"
+                    f"'id,jd->ij', got {shorten(repr(self.score))}"
                 )
         if self.block_sizes:
             known = {c for b in layout.blocks if b for c in b}
@@ -97,7 +118,13 @@ class Spec:
                     f"spec {self.name!r}: block_sizes names {unknown}, which no slot concatenates "
                     f"(block letters: {sorted(known) or 'none'})"
                 )
-        object.__setattr__(self, "options", MappingProxyType(dict(self.options)))
+        if not isinstance(self.options, Mapping) or not all(isinstance(key, str) for key in self.options):
+            raise SpecError(f"spec {self.name!r}: options must be a dict {{option name: default}}, got "
+                            f"{shorten(repr(self.options))}")
+        if not isinstance(self.description, str):
+            raise SpecError(f"spec {self.name!r}: description must be a string, got {type(self.description).__name__}")
+        options = {**POSITIONAL_OPTIONS.get(self.positional, {}), **self.options}
+        object.__setattr__(self, "options", MappingProxyType(options))
 
     def __reduce__(self):
         # the options mapping is a read-only proxy, which pickle cannot copy; rebuild from a dict
