@@ -29,7 +29,7 @@ environment table (2 CPU cores, no GPU). All ratios are computed within that run
 the repository root:
 
 ```bash
-pip install torch==2.13.0 && pip install -e ".[bench]"
+pip install torch==2.13.0 && pip install -e ".[bench]"   # no GPU: add --index-url https://download.pytorch.org/whl/cpu to the first
 {command}
 python benchmarks/publish.py --from-results   # rebuild this page from latest/results.json
 ```
