@@ -33,6 +33,7 @@ from ..masks import factorized_refusal
 from ..planning.network import poly_methods
 from ..registry import Backend, Refusal
 from .exact import contract
+from .poly_causal import causal_factorized, polynomial_score_kernel
 from .poly_terms import moments_poly, tree_poly, triangle_poly_causal
 from .relative_fft import relative_attention
 
@@ -65,6 +66,9 @@ class FactorizedAttention:
     key_weights: list[torch.Tensor | None] | None = None
     #: (Z, n) bool: queries that see at least one unmasked key tuple; None when all do
     visible: torch.Tensor | None = None
+    #: optional (xq (B, b, D), [xk_t (B, b, D)]) -> sum_r w_r U_q[i, r] prod_t U_t[j_t, r] straight
+    #: from the expanded operands, layout (B, j_h, .., j_1, i): the causal diagonal blocks use it
+    score_kernel: Callable | None = None
 
     @classmethod
     def from_ops(cls, ops: Operands, query_features: FeatureFn, key_features: FeatureFn, rank: int,
@@ -162,51 +166,12 @@ class FactorizedAttention:
         return self.apply_queries(self.combine(states))
 
     def causal(self, initial: list[torch.Tensor] | None = None, key_offset: int = 0) -> torch.Tensor:
-        """Prefix states: key j is visible to query i iff j + key_offset <= i + q_offset.
+        """Causal output (Z, n, E): key j is visible to query i iff j + key_offset <= i + q_offset.
 
         ``initial`` holds states of keys before this shard (all visible), for sequence parallelism.
-        """
-        ops, xs = self.ops, self.xs
-        Z = xs[0].shape[0]
-        o = ops.q_offset - key_offset
-        nk = len(self.values)
-        E = math.prod(ops.out_value_shape)
-        width = sum(v.shape[-1] + 1 for v in self.values) + E + 1
-        chunk = max(1, self.budget_elems // (Z * self.rank * (2 * width + 1)))
-        states, kcur = [], []
-        for s in range(nk):  # keys before the first query are visible to every query
-            upto = max(0, min(o, xs[1 + s].shape[1]))
-            state = self.key_state(s, 0, upto)
-            if initial is not None:
-                state = state + initial[s]
-            states.append(state)
-            kcur.append(upto)
-        outs = []
-        n = xs[0].shape[1]
-        for i0 in range(0, n, chunk):
-            i1 = min(n, i0 + chunk)
-            per_query = []
-            for s in range(nk):
-                x, v = xs[1 + s], self.values[s]
-                kend = max(0, min(i1 + o, x.shape[1]))
-                a = kcur[s]
-                if kend > a:
-                    U = self.masked_features(x, self.key_weight(s), a, kend)  # (Z, L, r)
-                    outer = U[..., :, None] * augment(v[:, a:kend])[..., None, :]
-                    prefix = torch.cumsum(outer, dim=1) + states[s][:, None]
-                    full = torch.cat([states[s][:, None], prefix], dim=1)  # (Z, L+1, r, e+1)
-                else:
-                    full = states[s][:, None]
-                pos = torch.arange(i0, i1, device=x.device)
-                count = (pos + o + 1 - a).clamp(0, full.shape[1] - 1)
-                per_query.append(full[:, count])  # (Z, bq, r, e+1)
-                states[s] = full[:, -1]
-                kcur[s] = max(a, kend)
-            combined = self.combine(per_query)  # (Z, bq, r, E+1)
-            Uq = self.query_features(xs[0][:, i0:i1])
-            res = torch.einsum("zir,zirc->zic", Uq, combined)
-            outs.append(self.normalize(res, i0, i1))
-        return torch.cat(outs, dim=1)
+        Blocks of positions: exact attention under P inside each diagonal block, the prefix state
+        across blocks (docs/design.md#causal-poly, ``poly_causal``)."""
+        return causal_factorized(self, initial, key_offset)
 
     def run(self) -> torch.Tensor:
         out = self.causal() if self.ops.causal else self.full()
@@ -220,7 +185,7 @@ def polynomial_engine(plan, ops: Operands) -> FactorizedAttention:
     dtype = _DTYPES[cert.feature_dtype]
     coeffs = get_approximant(plan.approximant).coefficients(float(plan.beta), g)
     w = torch.as_tensor(query_weights(coeffs, ops.scale, ops.D, g), dtype=dtype, device=ops.q.device)
-    return FactorizedAttention.from_ops(
+    engine = FactorizedAttention.from_ops(
         ops,
         query_features=lambda x: feature_map(x, g),
         key_features=lambda x: feature_map(x, g),
@@ -229,6 +194,8 @@ def polynomial_engine(plan, ops: Operands) -> FactorizedAttention:
         budget_bytes=plan.request.memory_budget,
         query_weights=w,
     )
+    engine.score_kernel = polynomial_score_kernel(coeffs, ops.scale)
+    return engine
 
 
 def term_features(plan, ops: Operands, dtype: torch.dtype) -> list[torch.Tensor]:
