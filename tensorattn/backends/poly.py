@@ -17,7 +17,6 @@ Taylor baselines and the distributed frontend reuse it with their own feature ma
 from __future__ import annotations
 
 import dataclasses
-import math
 import string
 from dataclasses import dataclass
 from functools import lru_cache

@@ -61,7 +61,6 @@ import torch.nn.functional as F
 from ..approx.features import augment
 from .exact import contract
 
-
 # --------------------------------------------------------------------------- term structure
 
 
