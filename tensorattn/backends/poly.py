@@ -38,6 +38,10 @@ from .relative_fft import relative_attention
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 FeatureFn = Callable[[torch.Tensor], torch.Tensor]
+#: feature elements per chunk (8 MiB in float32): they stay in cache between the feature map and
+#: the GEMM that consumes them. Measured at n = 65,536, rank 495, one thread: chunks of 2k-8k
+#: tokens run 1.3-1.4x faster than 16k-token chunks (features written to memory and read back).
+CACHE_ELEMS = 1 << 21
 
 
 @dataclass
@@ -116,15 +120,21 @@ class FactorizedAttention:
     def _state(self, x: torch.Tensor, v: torch.Tensor, start: int, stop: int | None,
                weight: torch.Tensor | None = None) -> torch.Tensor:
         stop = x.shape[1] if stop is None else stop
-        Z = x.shape[0]
-        chunk = max(1, self.budget_elems // (Z * self.rank * 2))
-        state = x.new_zeros(Z, self.rank, v.shape[-1] + 1)
+        chunk = self.token_chunk(x.shape[0])
+        state = x.new_zeros(x.shape[0], self.rank, v.shape[-1] + 1)
         for j0 in range(start, stop, chunk):
             j1 = min(stop, j0 + chunk)
             # ([v|1]^T U)^T: with U a tokens-last buffer this GEMM runs ~2.5x faster than U^T [v|1]
             U = self.masked_features(x, weight, j0, j1)
             state = state + (augment(v[:, j0:j1]).transpose(1, 2) @ U).transpose(1, 2)
         return state
+
+    def token_chunk(self, Z: int) -> int:
+        """Tokens per feature chunk: within the memory budget, and small enough that a chunk's
+        features (Z, chunk, r) stay in cache between the feature map that writes them and the GEMM
+        that reads them (``CACHE_ELEMS``), so the features never make a round trip to memory."""
+        per_token = Z * self.rank
+        return max(1, min(self.budget_elems // (2 * per_token), CACHE_ELEMS // per_token))
 
     def normalize(self, res: torch.Tensor, i0: int, i1: int) -> torch.Tensor:
         """res[..., :-1] / res[..., -1:] for queries i0:i1; a query that sees no unmasked key tuple
@@ -151,7 +161,7 @@ class FactorizedAttention:
     def apply_queries(self, combined: torch.Tensor) -> torch.Tensor:
         """out = (U_q combined)[:, :E] / (U_q combined)[:, E] over query chunks: (Z, n, E)."""
         xq = self.xs[0]
-        chunk = max(1, self.budget_elems // (xq.shape[0] * self.rank * 2))
+        chunk = self.token_chunk(xq.shape[0])
         outs = []
         ct = combined.transpose(1, 2)
         for i0 in range(0, xq.shape[1], chunk):
