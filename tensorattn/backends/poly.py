@@ -72,6 +72,8 @@ class FactorizedAttention:
     #: optional (xq (B, b, D), [xk_t (B, b, D)]) -> sum_r w_r U_q[i, r] prod_t U_t[j_t, r] straight
     #: from the expanded operands, layout (B, j_h, .., j_1, i): the causal diagonal blocks use it
     score_kernel: Callable | None = None
+    #: evaluate P from the scores (the plan's direct form) instead of through the features
+    direct: bool = False
 
     @classmethod
     def from_ops(cls, ops: Operands, query_features: FeatureFn, key_features: FeatureFn, rank: int,
@@ -182,8 +184,29 @@ class FactorizedAttention:
         across blocks (docs/design.md#causal-poly, ``poly_causal``)."""
         return causal_factorized(self, initial, key_offset)
 
+    def direct_form(self) -> torch.Tensor:
+        """Order 2, non-causal: out = P(S) [v | 1] with P evaluated from the scores by the score
+        kernel, in query chunks of the memory budget (docs/design.md#the-direct-form)."""
+        xq, xk = self.xs
+        a = augment(self.values[0])
+        weight = self.key_weight(0)
+        if weight is not None:
+            a = a * weight[..., None]
+        at = a.transpose(1, 2)
+        Z, n = xq.shape[:2]
+        chunk = max(1, min(n, self.budget_elems // (2 * Z * xk.shape[1])))
+        outs = []
+        for i0 in range(0, n, chunk):
+            A = self.score_kernel(xq[:, i0: i0 + chunk], [xk])  # (Z, m, c): P(s_ij) at [j, i]
+            res = (at @ A).transpose(1, 2)  # (Z, c, e + 1)
+            outs.append(self.normalize(res, i0, i0 + res.shape[1]))
+        return torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
+
     def run(self) -> torch.Tensor:
-        out = self.causal() if self.ops.causal else self.full()
+        if self.ops.causal:
+            out = self.causal()
+        else:
+            out = self.direct_form() if self.direct and self.score_kernel is not None else self.full()
         return out.reshape(out.shape[0], self.ops.n, *self.ops.out_value_shape).to(self.ops.dtype)
 
 
@@ -203,7 +226,9 @@ def polynomial_engine(plan, ops: Operands) -> FactorizedAttention:
         budget_bytes=plan.request.memory_budget,
         query_weights=w,
     )
-    engine.score_kernel = polynomial_score_kernel(coeffs, ops.scale)
+    if cert.direct_ok:  # P from the scores stays within the certified roundoff
+        engine.score_kernel = polynomial_score_kernel(coeffs, ops.scale)
+        engine.direct = plan.poly_form == "direct"
     return engine
 
 

@@ -130,15 +130,17 @@ def polynomial_score_kernel(coeffs, scale: float):
     the scores: P(scale * sum_D xq[i] prod_t xk_t[j_t]) with P(s) = sum_t coeffs[t] s^t (Horner).
 
     Cost b^{h+1} (D + g) per block instead of b^{h+1} r. ``xq`` (B, b, D), ``xks`` h tensors
-    (B, b, D); result in the layout (B, j_h, .., j_1, i) of the feature path."""
+    (B, b_t, D); result in the layout (B, j_h, .., j_1, i) of the feature path. The non-causal
+    direct form (``FactorizedAttention.direct``) calls it with all queries and keys of a chunk."""
     cs = [float(c) for c in coeffs]
 
     def kernel(xq: torch.Tensor, xks: list[torch.Tensor]) -> torch.Tensor:
         B, b, D = xq.shape
         X = xq * scale  # D per token: cheaper than scaling the b^h scores
         for xk in xks[:-1]:  # (B, j_{t}, .., i, D), D innermost
-            X = X.unsqueeze(1) * xk.reshape(B, b, *([1] * (X.dim() - 2)), D)
-        s = (xks[-1] @ X.reshape(B, -1, D).transpose(1, 2)).reshape(B, *([b] * (len(xks) + 1)))
+            X = X.unsqueeze(1) * xk.reshape(B, xk.shape[1], *([1] * (X.dim() - 2)), D)
+        lengths = [xk.shape[1] for xk in reversed(xks)]
+        s = (xks[-1] @ X.reshape(B, -1, D).transpose(1, 2)).reshape(B, *lengths, b)
         if len(cs) == 1:
             return torch.full_like(s, cs[0])
         grad = torch.is_grad_enabled() and s.requires_grad

@@ -28,7 +28,7 @@ from .certificate import (
     choose_certificate,
     choose_polynomial_certificate,
 )
-from .cost import POLY_OVERHEAD, exact_flops, poly_flops, polynomial_exact_flops
+from .cost import DIRECT_OVERHEAD, POLY_OVERHEAD, direct_flops, exact_flops, poly_flops, polynomial_exact_flops
 from .network import Network, build_networks, method_flops, poly_methods
 from .relative import (
     RELATIVE_OVERHEAD,
@@ -75,6 +75,10 @@ class Plan:
     #: an attention polynomial's per-term thresholds, and the term whose B / tau decides the verdict
     term_thresholds: tuple[float, ...] = ()
     deciding_term: int | None = None
+    #: how the pairwise-shaped factorized engine evaluates P: "factorized" (feature maps, O(n r e))
+    #: or "direct" (P from the scores, O(n m (D + g + e)), cheaper for short sequences;
+    #: docs/design.md#the-direct-form); None where neither applies
+    poly_form: str | None = None
 
     # --- the problem and request, for reading convenience
     @property
@@ -211,6 +215,8 @@ class Plan:
                 lines.append(f"  Toeplitz terms:     {self.relative.describe()}")
             if self.rel_folded:
                 lines.append("  Relative W:         the same matrix at every offset: folded into q, pairwise path")
+            if self.poly_form == "direct":
+                lines.append("  Form:               direct (P from the scores: cheaper than features at this size)")
         else:
             lines.append(f"  Polynomial:         none certifies tol {self.tol:.1e} within max_degree "
                          f"{self.request.max_degree}")
@@ -255,6 +261,13 @@ def _rel_folded(problem: Problem) -> bool:
     rel = problem.relative
     return (problem.spec.positional == "relative" and rel is not None and rel.constant and not problem.alibi_slope
             and not problem.need_grad)
+
+
+def _direct_applies(problem: Problem) -> bool:
+    """The direct form serves non-causal order-2 calls whose value einsum passes values through."""
+    ve = problem.spec.value_einsum
+    return (problem.order == 2 and not problem.causal and problem.q_offset == 0
+            and tuple(ve.value_letters) == (ve.out_letters,))
 
 
 def _poly_certificate(problem: Problem, request: Request) -> tuple[Any, Any, str]:
@@ -309,7 +322,7 @@ def make_plan(problem: Problem, request: Request, backends: dict[str, Backend] |
     folded = _rel_folded(problem)
     rel_terms = extra if spec.positional == "relative" and not folded else None
     networks = extra if spec.is_polynomial else None
-    method = None
+    method = form = None
     if spec.is_polynomial:
         flops_e = polynomial_exact_flops(spec, problem.Z, problem.n, problem.ms,
                                          tuple(t.D for t in problem.terms), problem.E, problem.causal)
@@ -332,9 +345,16 @@ def make_plan(problem: Problem, request: Request, backends: dict[str, Backend] |
         flops_p = (poly_flops(problem.Z, problem.n, problem.ms, cert.rank, problem.E, list(problem.value_dims),
                               problem.causal) if cert else None)
         overhead = POLY_OVERHEAD
+        if cert is not None:
+            form = "factorized"
+            if _direct_applies(problem) and cert.direct_ok:
+                flops_d = direct_flops(problem.Z, problem.n, problem.ms[0], problem.D, problem.E, cert.degree)
+                if flops_d * DIRECT_OVERHEAD < flops_p:
+                    form, flops_p = "direct", flops_d
     base = dict(problem=problem, request=request, threshold=tau, passed=passed, certificate=cert,
                 flops_exact=flops_e, flops_poly=flops_p, relative=rel_terms, networks=networks,
-                term_thresholds=term_taus, deciding_term=deciding, rel_folded=folded, poly_method=method)
+                term_thresholds=term_taus, deciding_term=deciding, rel_folded=folded, poly_method=method,
+                poly_form=form)
     backend = request.backend
 
     if backend == AUTO:
