@@ -216,7 +216,10 @@ def polynomial_engine(plan, ops: Operands) -> FactorizedAttention:
     g = cert.degree
     dtype = _DTYPES[cert.feature_dtype]
     coeffs = get_approximant(plan.approximant).coefficients(float(plan.beta), g)
-    w = torch.as_tensor(query_weights(coeffs, ops.scale, ops.D, g), dtype=dtype, device=ops.q.device)
+    direct = plan.poly_form == "direct" and cert.direct_ok
+    # the direct form needs no per-feature weights (it evaluates P itself)
+    w = None if direct else torch.as_tensor(query_weights(coeffs, ops.scale, ops.D, g), dtype=dtype,
+                                            device=ops.q.device)
     engine = FactorizedAttention.from_ops(
         ops,
         query_features=lambda x: feature_map(x, g),
@@ -228,7 +231,7 @@ def polynomial_engine(plan, ops: Operands) -> FactorizedAttention:
     )
     if cert.direct_ok:  # P from the scores stays within the certified roundoff
         engine.score_kernel = polynomial_score_kernel(coeffs, ops.scale)
-        engine.direct = plan.poly_form == "direct"
+        engine.direct = direct
     return engine
 
 

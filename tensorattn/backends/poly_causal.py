@@ -143,12 +143,15 @@ def polynomial_score_kernel(coeffs, scale: float):
         s = (xks[-1] @ X.reshape(B, -1, D).transpose(1, 2)).reshape(B, *lengths, b)
         if len(cs) == 1:
             return torch.full_like(s, cs[0])
-        grad = torch.is_grad_enabled() and s.requires_grad
-        # Horner, one fused pass per degree: p <- c_t + p * s (in place without autograd)
-        p = torch.add(s.new_tensor(cs[-2]), s, alpha=cs[-1])
+        if torch.is_grad_enabled() and s.requires_grad:
+            p = s * cs[-1] + cs[-2]
+            for c in reversed(cs[:-2]):
+                p = p * s + c
+            return p
+        # Horner in place: p <- c_t + p * s
+        p = torch.mul(s, cs[-1]).add_(cs[-2])
         for c in reversed(cs[:-2]):
-            ct = s.new_tensor(c)
-            p = torch.addcmul(ct, p, s) if grad else torch.addcmul(ct, p, s, out=p)
+            p.mul_(s).add_(c)
         return p
 
     kernel.degree = len(cs) - 1

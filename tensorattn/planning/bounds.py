@@ -70,12 +70,13 @@ def operand_maxima(ops: Operands) -> OperandMaxima:
                     linf.append(0.0)
                     continue
                 flat = t.detach().reshape(Z, t.shape[1], -1)
-                l2.append(float(flat.norm(dim=-1).max()) * _missing_factor(feats, term.contracted, ops.sizes))
-                linf.append(float(flat.abs().max()))
+                l2.append(float(torch.linalg.vector_norm(flat, dim=-1).amax())
+                          * _missing_factor(feats, term.contracted, ops.sizes))
+                linf.append(float(torch.linalg.vector_norm(flat, ord=math.inf)))  # max |entry|, one pass
         wnorm = 1.0
         if ops.rel is not None:
             wnorm = float(torch.linalg.matrix_norm(ops.rel.detach(), ord=2).max())
-        vals = [float(v.detach().abs().max()) if v.numel() else 0.0 for v in ops.values]
+        vals = [float(torch.linalg.vector_norm(v.detach(), ord=math.inf)) if v.numel() else 0.0 for v in ops.values]
     return OperandMaxima(tuple(l2), tuple(linf), tuple(vals), wnorm)
 
 

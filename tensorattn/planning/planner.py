@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections import OrderedDict
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -411,11 +412,39 @@ def make_plan(problem: Problem, request: Request, backends: dict[str, Backend] |
     return plan
 
 
+#: plans of recent calls, by (Problem, Request, registry): a Problem holds every number a plan is
+#: computed from (sizes, beta, B, vmax, dtype ...), so a hit is the plan make_plan would return
+_PLANS: OrderedDict = OrderedDict()
+PLAN_CACHE_SIZE = 256
+
+
+def cached_plan(problem: Problem, request: Request) -> Plan:
+    """``make_plan(problem, request)``, reused when the same problem comes again (a model called on
+    the same batch, a benchmark loop). Calls that warn (on_unbounded='fallback') are not cached, so
+    every such call warns."""
+    if request.on_unbounded == "fallback":
+        return make_plan(problem, request)
+    registry = registered()
+    try:
+        key = (problem, request, tuple(registry.items()))
+        plan = _PLANS.get(key)
+    except TypeError:  # an unhashable spec option
+        return make_plan(problem, request)
+    if plan is None:
+        plan = make_plan(problem, request)
+        _PLANS[key] = plan
+        if len(_PLANS) > PLAN_CACHE_SIZE:
+            _PLANS.popitem(last=False)
+    else:
+        _PLANS.move_to_end(key)
+    return plan
+
+
 def plan_for(ops: Operands, request: Request, *, maxima: OperandMaxima | None = None, n: int | None = None,
              ms: tuple[int, ...] | None = None) -> Plan:
     """The plan for validated operands. A sequence-parallel caller passes the global operand
     ``maxima`` and sizes ``n``, ``ms``, so that every shard plans the whole sequence."""
-    return make_plan(problem_for(ops, request, maxima=maxima, n=n, ms=ms), request)
+    return cached_plan(problem_for(ops, request, maxima=maxima, n=n, ms=ms), request)
 
 
 def plan(
