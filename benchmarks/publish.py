@@ -29,7 +29,8 @@ environment table (2 CPU cores, no GPU). All ratios are computed within that run
 the repository root:
 
 ```bash
-pip install torch==2.13.0 && pip install -e ".[bench]"   # no GPU: add --index-url https://download.pytorch.org/whl/cpu to the first
+pip install torch==2.13.0 && pip install -e ".[bench]"
+# no GPU? the CPU wheel instead: pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
 {command}
 python benchmarks/publish.py --from-results   # rebuild this page from latest/results.json
 ```
@@ -162,7 +163,17 @@ def render(results: dict) -> str:
     body = body.replace("### Results\n", notes(results) + full + "### Results\n", 1)
     return HEADER.format(command=results["command"], suite_flag="" if suite == "default" else f" --suite {suite}",
                          others=other_scripts()) \
-        + f"## Latest run ({suite} suite)\n" + body
+        + speed_targets() + f"## Latest run ({suite} suite)\n" + body
+
+
+def speed_targets() -> str:
+    """The table of benchmarks/speed_targets.py (latest/speed_targets.md), when it has been run."""
+    path = LATEST / "speed_targets.md"
+    if not path.exists():
+        return ""
+    return ("## Speed targets (per-call cost, causal, FFT path, fused features)\n\n"
+            "From `benchmarks/speed_targets.py`: each line is a ratio of two timings taken in one process, "
+            "interleaved.\n\n" + path.read_text() + "\n")
 
 
 def main() -> None:

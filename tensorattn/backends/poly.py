@@ -217,9 +217,7 @@ def polynomial_engine(plan, ops: Operands) -> FactorizedAttention:
     dtype = _DTYPES[cert.feature_dtype]
     coeffs = get_approximant(plan.approximant).coefficients(float(plan.beta), g)
     direct = plan.poly_form == "direct" and cert.direct_ok
-    # the direct form needs no per-feature weights (it evaluates P itself)
-    w = None if direct else torch.as_tensor(query_weights(coeffs, ops.scale, ops.D, g), dtype=dtype,
-                                            device=ops.q.device)
+    w = torch.as_tensor(query_weights(coeffs, ops.scale, ops.D, g), dtype=dtype, device=ops.q.device)
     engine = FactorizedAttention.from_ops(
         ops,
         query_features=lambda x: feature_map(x, g),
