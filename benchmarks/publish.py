@@ -79,7 +79,7 @@ def notes(results: dict) -> str:
         out.append(
             f"**Triple, n = 1,024.** poly's time is almost all fixed per-call cost: it rises only {rise}, while "
             f"exact's grows as n³.{where} The measured ratios (" + "; ".join(ratios) + ") grow about 4× per "
-            "doubling of n, so the 1,000× target would be passed near n = 2,048 if the trend holds (`--suite full` "
+            "doubling of n, so the target would be passed within a doubling of n if the trend holds (`--suite full` "
             "measures n = 2,048).")
     g = results["experiments"].get("gemm")
     if g and any(w.startswith("poly run") for w in missed):

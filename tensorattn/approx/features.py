@@ -102,7 +102,7 @@ def _gathered(xt: torch.Tensor, g: int) -> torch.Tensor:
     """feature_map_t for small inputs: rows of [1, x] gathered and multiplied, g factors at a time."""
     idx = factor_table(xt.shape[-2], g, xt.device)
     lead, N = xt.shape[:-2], xt.shape[-1]
-    xa = torch.cat([xt.new_ones(*lead, 1, N), xt], dim=-2).reshape(-1, xt.shape[-2] + 1, N)
+    xa = torch.cat([xt.new_ones(*lead, 1, N), xt], dim=-2).reshape(math.prod(lead), xt.shape[-2] + 1, N)
     out = xa.index_select(1, idx[0])
     for j in range(1, g):
         out.mul_(xa.index_select(1, idx[j]))

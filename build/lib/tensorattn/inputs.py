@@ -1,0 +1,406 @@
+"""Frontend boundary: validate user arrays, convert them to torch and flatten the batch dims.
+
+Everything after this module sees torch tensors shaped ``(Z, tokens, features...)`` where ``Z`` is
+the product of the leading (batch, head) dims.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import masks, positional
+from .errors import InputError
+from .request import Request, default_scale
+from .spec import Spec
+
+
+@dataclass(frozen=True)
+class Operands:
+    """Validated inputs in the compute layout, plus what is needed to restore the caller's type.
+
+    Arrays are ``(Z, tokens, features...)`` with ``Z`` the product of the leading dims; RoPE
+    rotations are already applied. ``scale`` is resolved (1/sqrt(D) by default), positions are
+    ``q_offset + arange(n)`` for queries and ``k_offsets[slot] + arange(m)`` for keys."""
+
+    spec: Spec
+    q: torch.Tensor
+    keys: tuple[torch.Tensor, ...]
+    values: tuple[torch.Tensor, ...]
+    lead: tuple[int, ...]
+    n: int
+    ms: tuple[int, ...]
+    sizes: dict[str, int]
+    value_sizes: dict[str, int]
+    scale: float
+    causal: bool
+    q_offset: int = 0
+    #: global position of each key slot's first token (sequence-parallel shards); () means all 0
+    k_offsets: tuple[int, ...] = ()
+    rel: torch.Tensor | None = None
+    alibi_slope: float = 0.0
+    kind: str = "torch"
+    out_dtype: Any = None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    #: per key slot, the key mask as an additive bias (Z, m_s) in the compute dtype (0 keeps a key,
+    #: -inf drops it, other values of a float mask bias it), or None; () when no key is masked
+    key_bias: tuple[torch.Tensor | None, ...] = ()
+    #: a general mask (one bias per query and key tuple), read per tile by the exact backend
+    attn_mask: masks.AttnMask | None = None
+
+    @property
+    def order(self) -> int:
+        return self.spec.order
+
+    @property
+    def D(self) -> int:
+        return self.spec.feature_dim(self.sizes)
+
+    @property
+    def m(self) -> int:
+        return max(self.ms)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.q.dtype
+
+    @property
+    def out_value_shape(self) -> tuple[int, ...]:
+        return tuple(self.value_sizes[c] for c in self.spec.value_einsum.out_letters)
+
+    @property
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.q, *self.keys, *self.values] + ([self.rel] if self.rel is not None else [])
+
+    @property
+    def tracks_grad(self) -> bool:
+        """True when autograd records this call (grad mode on and an input requires grad)."""
+        return torch.is_grad_enabled() and any(t.requires_grad for t in self.tensors)
+
+    @property
+    def key_mask(self) -> str | None:
+        """None (no key mask), "binary" (every bias 0 or -inf: key weights 0/1) or "additive"."""
+        biases = [b for b in self.key_bias if b is not None]
+        if not biases:
+            return None
+        return "binary" if all(masks.is_binary(b) for b in biases) else "additive"
+
+    def visible_rows(self) -> torch.Tensor | None:
+        """(Z, n) bool, True where a query sees an unmasked key tuple; None without a key mask."""
+        return masks.visible_rows(self.key_bias, self.n, self.causal, self.q_positions(),
+                                  [self.k_positions(s) for s in range(len(self.ms))])
+
+    def q_positions(self) -> torch.Tensor:
+        return torch.arange(self.n, device=self.q.device) + self.q_offset
+
+    def k_positions(self, slot: int = 0) -> torch.Tensor:
+        offset = self.k_offsets[slot] if self.k_offsets else 0
+        return torch.arange(self.ms[slot], device=self.q.device) + offset
+
+    def restore(self, out: torch.Tensor):
+        """Reshape ``(Z, n, *vals)`` to the caller's leading dims, dtype, device and array type."""
+        out = out.reshape(*self.lead, self.n, *self.out_value_shape)
+        if self.kind == "numpy":
+            return out.detach().cpu().numpy().astype(self.out_dtype, copy=False)
+        return out.to(self.out_dtype)
+
+
+def _to_tensor(x: Any, name: str) -> tuple[torch.Tensor, str]:
+    if isinstance(x, torch.Tensor):
+        return x, "torch"
+    try:
+        arr = np.asarray(x)
+    except Exception as exc:  # pragma: no cover - exotic inputs
+        raise InputError(f"{name} could not be converted to an array: {exc}") from None
+    if arr.dtype == object:
+        raise InputError(f"{name} must be a numeric array, got an object array")
+    return torch.from_numpy(np.ascontiguousarray(arr)), "numpy"
+
+
+def _check_float(t: torch.Tensor, name: str) -> None:
+    if not t.is_floating_point():
+        raise InputError(
+            f"{name} has dtype {t.dtype}; attention needs floating-point inputs. Fix: cast with "
+            f"{name}.astype('float32') (numpy) or {name}.float() (torch)"
+        )
+
+
+def check_finite(t: torch.Tensor, name: str) -> None:
+    with torch.no_grad():  # a check, not part of the graph autograd keeps
+        # one reduction: max |entry| is finite iff every entry is (NaN propagates through it)
+        if t.numel() == 0 or math.isfinite(float(torch.linalg.vector_norm(t, ord=math.inf))):
+            return
+        finite = torch.isfinite(t)
+    if not bool(finite.all()):
+        bad = (~finite).nonzero()
+        first = tuple(int(i) for i in bad[0])
+        raise InputError(
+            f"{name} contains {bad.shape[0]} non-finite entr{'y' if bad.shape[0] == 1 else 'ies'} "
+            f"(NaN/Inf), first at index {first} (value {t[first].item()}); attention needs finite "
+            "inputs. Fix: clean the input, e.g. torch.nan_to_num, or find where it overflowed"
+        )
+
+
+def _as_list(x: Any, name: str, count: int, spec: Spec) -> list:
+    if spec.order == 2:
+        # k=(k1,) is accepted; any other list is an array literal
+        if isinstance(x, (list, tuple)) and len(x) == 1 and isinstance(x[0], (np.ndarray, torch.Tensor)):
+            return [x[0]]
+        return [x]
+    if not isinstance(x, (list, tuple)):
+        raise InputError(
+            f"spec {spec.name!r} has order {spec.order} and needs {name} as a sequence of {count} "
+            f"arrays ({name}=({', '.join(f'{name}{i + 1}' for i in range(count))})), got a single "
+            f"{type(x).__name__}"
+        )
+    if len(x) != count:
+        raise InputError(
+            f"spec {spec.name!r} has order {spec.order} and needs {count} {name} array(s), got "
+            f"{len(x)}; pass {name}=({', '.join(f'{name}{i + 1}' for i in range(count))})"
+        )
+    return list(x)
+
+
+def _shapes(spec: Spec, arrays: list[torch.Tensor], names: list[str]) -> tuple[tuple[int, ...], dict[str, int]]:
+    """Leading dims (equal for every operand) and the size of every feature index (for a slot that
+    concatenates per-term blocks, the size of each block letter too)."""
+    se = spec.slots
+    sizes: dict[str, int] = {}
+    lead: tuple[int, ...] | None = None
+    for slot, (t, nm, feats) in enumerate(zip(arrays, names, se.features)):
+        need = 1 + len(feats)
+        if t.ndim < need:
+            raise InputError(
+                f"{nm} has shape {tuple(t.shape)} but spec {spec.name!r} operand "
+                f"{se.operands[slot]!r} needs at least {need} dims (..., tokens, {', '.join(feats)})"
+            )
+        this_lead = tuple(t.shape[: t.ndim - need])
+        if lead is None:
+            lead = this_lead
+        elif this_lead != lead:
+            raise InputError(
+                f"leading (batch/head) dims of {nm} are {this_lead} but q has {lead}; they must be "
+                "equal (no broadcasting). Fix: expand or reshape so the leading dims match"
+            )
+        for letter, size in zip(feats, t.shape[t.ndim - len(feats):]):
+            if letter in sizes and sizes[letter] != size:
+                raise InputError(
+                    f"size of index {letter!r} for {nm} ({size}) does not match previous operands "
+                    f"({sizes[letter]}); spec {spec.name!r} contracts {letter!r} across operands"
+                )
+            sizes[letter] = int(size)
+    assert lead is not None
+    for slot, blocks in enumerate(se.blocks):
+        if blocks:
+            _block_sizes(spec, slot, blocks, sizes[se.features[slot]], names[slot], sizes)
+    return lead, sizes
+
+
+def term_operands(spec: Spec, sizes: dict[str, int], arrays: list[torch.Tensor], term) -> list[torch.Tensor]:
+    """The arrays of one term's operands (slot tiles in ``arrays``, query first): the slot's array,
+    or the term's block of a slot that concatenates per-term blocks (a slice of its last axis)."""
+    lay = spec.slots
+    out = []
+    for slot, feats in zip(term.slots, term.einsum.features):
+        blocks = lay.blocks[slot]
+        x = arrays[slot]
+        if blocks:
+            start = sum(sizes[b] for b in blocks[: blocks.index(feats)])
+            x = x[..., start: start + sizes[feats]]
+        out.append(x)
+    return out
+
+
+def expand_operand(t: torch.Tensor, feats: str, contracted: tuple[str, ...], sizes: dict[str, int]) -> torch.Tensor:
+    """(Z, N, *feats) -> (Z, N, D): the operand's value at every contracted index tuple I."""
+    Z, N = t.shape[:2]
+    if len(feats) == 1 and tuple(feats) == tuple(contracted):  # already (Z, N, D)
+        return t
+    perm = [feats.index(c) for c in contracted if c in feats]
+    t = t.permute(0, 1, *(2 + p for p in perm))
+    shape = [Z, N] + [sizes[c] if c in feats else 1 for c in contracted]
+    full = [Z, N] + [sizes[c] for c in contracted]
+    return t.reshape(shape).expand(full).reshape(Z, N, math.prod(full[2:]))
+
+
+def _block_sizes(spec: Spec, slot: int, blocks: tuple[str, ...], width: int, name: str,
+                 sizes: dict[str, int]) -> None:
+    """Split a slot's feature axis into its per-term blocks: given sizes, or equal parts."""
+    given = dict(spec.block_sizes or {})
+    if all(b in given for b in blocks):
+        parts = [given[b] for b in blocks]
+        if sum(parts) != width:
+            raise InputError(
+                f"{name} has {width} features, but spec {spec.name!r} splits slot {spec.tokens[slot]!r} into "
+                f"blocks {dict(zip(blocks, parts))} (sum {sum(parts)}); they must add up to its feature size"
+            )
+    else:
+        if width % len(blocks):
+            raise InputError(
+                f"{name} has {width} features, which do not split equally into the {len(blocks)} blocks "
+                f"{list(blocks)} of slot {spec.tokens[slot]!r} (one per term that names it). Fix: use a multiple "
+                f"of {len(blocks)} features, or give Spec(..., block_sizes={{...}})"
+            )
+        parts = [width // len(blocks)] * len(blocks)
+    for b, size in zip(blocks, parts):
+        if b in sizes and sizes[b] != size:
+            raise InputError(
+                f"block {b!r} of {name} has {size} features but another operand gives {b!r} size {sizes[b]}; "
+                "the terms contract it across operands, so the sizes must agree"
+            )
+        sizes[b] = size
+
+
+def _value_sizes(spec: Spec, values: list[torch.Tensor], names: list[str], knames: list[str],
+                 lead: tuple[int, ...], ms: tuple[int, ...]) -> dict[str, int]:
+    ve = spec.value_einsum
+    value_sizes: dict[str, int] = {}
+    for slot, (t, nm, letters) in enumerate(zip(values, names, ve.value_letters)):
+        want = len(lead) + 1 + len(letters)
+        if t.ndim != want or tuple(t.shape[: len(lead)]) != lead or t.shape[len(lead)] != ms[slot]:
+            raise InputError(
+                f"{nm} has shape {tuple(t.shape)} but needs {(*lead, ms[slot], *(['*'] * len(letters)))} "
+                f"(leading dims of q, the {ms[slot]} tokens of {knames[slot]}, then value index "
+                f"{', '.join(letters) or 'none'} of {ve.operands[slot]!r})"
+            )
+        for letter, size in zip(letters, t.shape[len(lead) + 1:]):
+            if letter in value_sizes and value_sizes[letter] != size:
+                raise InputError(
+                    f"size of value index {letter!r} for {nm} ({size}) does not match previous "
+                    f"value operands ({value_sizes[letter]})"
+                )
+            value_sizes[letter] = int(size)
+    return value_sizes
+
+
+def _check_positions(n: int, ms: tuple[int, ...], causal: bool, q_offset: int | None) -> None:
+    if causal and q_offset is None and any(m != n for m in ms):
+        raise InputError(
+            f"causal=True needs as many keys as queries, but q has n={n} and k has m="
+            f"{ms[0] if len(set(ms)) == 1 else ms}; for decoding with a KV cache pass "
+            f"q_offset=m-n (= {ms[0] - n}) so queries sit at the end, or use causal=False"
+        )
+
+
+def _prepare_masks(key_padding_mask, attn_mask, request: Request, lead: tuple[int, ...], n: int,
+                   ms: tuple[int, ...], dtype: torch.dtype, device: torch.device):
+    """Key biases per slot, the general mask (or None), and whether the call is causal.
+
+    A general mask that broadcasts over queries is a key mask (poly serves it); one that equals
+    the causal mask runs as ``causal=True``; with ``request.causal`` the mask must be the causal
+    mask (torch's ``is_causal`` hint), and is checked to be."""
+    nk = len(ms)
+    biases: list[torch.Tensor | None] = [None] * nk
+
+    def add(slot: int, bias: torch.Tensor) -> None:
+        biases[slot] = bias if biases[slot] is None else biases[slot] + bias
+
+    if key_padding_mask is not None:
+        per_slot = nk > 1 and isinstance(key_padding_mask, (list, tuple)) and len(key_padding_mask) == nk and all(
+            p is None or isinstance(p, (torch.Tensor, np.ndarray)) for p in key_padding_mask)
+        for slot in range(nk):
+            x = key_padding_mask[slot] if per_slot else key_padding_mask
+            if x is not None:
+                name = f"key_padding_mask[{slot}]" if per_slot else "key_padding_mask"
+                add(slot, masks.key_bias(x, name, lead, ms[slot], dtype, device))
+    causal, general = request.causal, None
+    if attn_mask is not None:
+        mask = masks.attn_mask(attn_mask, "attn_mask", lead, n, ms, device)
+        L = len(lead)
+        offset = request.q_offset or 0
+        if request.causal:
+            is_causal, where = masks.scan(mask, n, ms, offset, "attn_mask")
+            if not is_causal:
+                raise InputError(
+                    f"causal=True (is_causal=True) declares attn_mask to be the causal mask (key j visible to "
+                    f"query i iff j <= i{f' + {offset}' if offset else ''}), but it is not: {where}. Fix: pass "
+                    "causal=False (is_causal=False) to apply attn_mask as given, or drop attn_mask"
+                )
+        elif (nk == 1 or not mask.joint) and all(p.shape[L] == 1 for p in mask.parts):
+            masks.scan(mask, n, ms, None, "attn_mask")
+            for slot, part in enumerate(mask.parts):  # one row for every query: a key mask
+                row = part.select(L, 0)
+                add(slot, masks.key_bias(row.expand(*row.shape[:-1], ms[slot]), "attn_mask", lead, ms[slot],
+                                         dtype, device))
+        else:
+            is_causal, _ = masks.scan(mask, n, ms, offset, "attn_mask")
+            causal, general = (True, None) if is_causal else (False, mask)
+    key_bias = tuple(biases) if any(b is not None for b in biases) else ()
+    return key_bias, general, causal
+
+
+def prepare(spec: Spec, q, k, v, request: Request, spec_options: dict[str, Any] | None = None, *,
+            k_offsets: tuple[int, ...] = (), key_padding_mask: Any = None, attn_mask: Any = None) -> Operands:
+    """Validate and convert user arrays for ``spec`` under ``request``; apply RoPE rotations.
+
+    ``spec_options`` are the spec's own options (``rope_base``, ``rel`` ...; defaults from the
+    spec). ``k_offsets`` are the global positions of each key slot's first token (a
+    sequence-parallel shard's start); they move key positions for rotations and causal masks the
+    way ``request.q_offset`` moves queries. ``key_padding_mask`` and ``attn_mask`` follow
+    ``torch.nn.MultiheadAttention``'s conventions (``tensorattn.masks``)."""
+    options = positional.check_options(spec.positional, {**spec.options, **(spec_options or {})})
+    nk = spec.order - 1
+    ks = _as_list(k, "k", nk, spec)
+    vs = _as_list(v, "v", nk, spec)
+    qt, kind = _to_tensor(q, "q")
+    knames = ["k"] if nk == 1 else [f"k[{i}]" for i in range(nk)]
+    vnames = ["v"] if nk == 1 else [f"v[{i}]" for i in range(nk)]
+    kts = [_to_tensor(x, nm)[0] for x, nm in zip(ks, knames)]
+    vts = [_to_tensor(x, nm)[0] for x, nm in zip(vs, vnames)]
+    for t, nm in zip([qt, *kts, *vts], ["q", *knames, *vnames]):
+        _check_float(t, nm)
+    out_dtype = qt.numpy().dtype if kind == "numpy" else qt.dtype
+    device = qt.device
+    for t, nm in zip([*kts, *vts], [*knames, *vnames]):
+        if t.device != device:
+            raise InputError(f"{nm} is on {t.device} but q is on {device}; move them to one device")
+
+    lead, sizes = _shapes(spec, [qt, *kts], ["q", *knames])
+    n = int(qt.shape[len(lead)])
+    ms = tuple(int(t.shape[len(lead)]) for t in kts)
+    for nm, t, m in zip(knames, kts, ms):
+        if m == 0:
+            raise InputError(
+                f"{nm} has 0 tokens (shape {tuple(t.shape)}); softmax over an empty key set is "
+                "undefined. Fix: pass at least one key"
+            )
+    value_sizes = _value_sizes(spec, vts, vnames, knames, lead, ms)
+    _check_positions(n, ms, request.causal, request.q_offset)
+    q_offset = request.q_offset or 0
+    for t, nm in zip([qt, *kts, *vts], ["q", *knames, *vnames]):
+        check_finite(t, nm)
+
+    D = spec.feature_dim(sizes)
+    scale = default_scale(D) if request.scale is None else request.scale
+    compute = torch.float64 if any(t.dtype == torch.float64 for t in [qt, *kts, *vts]) else torch.float32
+    Z = math.prod(lead)
+    key_bias, general_mask, causal = _prepare_masks(key_padding_mask, attn_mask, request, lead, n, ms, compute,
+                                                    device)
+
+    def flat(t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(Z, *t.shape[len(lead):]).to(compute)
+
+    qf, kfs, vfs = flat(qt), [flat(t) for t in kts], [flat(t) for t in vts]
+    k_offsets = tuple(int(o) for o in k_offsets) if any(k_offsets) else ()
+    q_pos = torch.arange(n, device=device) + q_offset
+    k_pos = [torch.arange(m, device=device) + (k_offsets[s] if k_offsets else 0) for s, m in enumerate(ms)]
+    rel = None
+    if spec.positional == "rope":
+        qf, kfs = positional.rotate(qf, kfs, q_pos, k_pos, options)
+    elif spec.positional == "relative":
+        W = options.get("rel")
+        Wt = None if W is None else _to_tensor(W, "rel")[0]
+        positional.check_rel(Wt, n, ms[0], sizes["d"], q_offset)
+        _check_float(Wt, "rel")
+        check_finite(Wt, "rel")
+        rel = Wt.to(device=device, dtype=compute)
+    return Operands(
+        spec=spec, q=qf, keys=tuple(kfs), values=tuple(vfs), lead=lead, n=n, ms=ms, sizes=sizes,
+        value_sizes=value_sizes, scale=float(scale), causal=causal, q_offset=q_offset,
+        k_offsets=k_offsets, rel=rel, alibi_slope=float(options.get("alibi_slope") or 0.0),
+        kind=kind, out_dtype=out_dtype, device=device, key_bias=key_bias, attn_mask=general_mask,
+    )

@@ -1,0 +1,346 @@
+"""Degree choice and the certified output and gradient errors of the polynomial method
+(docs/design.md#the-certificate)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import numpy as np
+
+from ..approx.features import rank_for
+from ..approx.polynomials import Approximant, output_error
+
+UNIT_ROUNDOFF = {"float32": float(np.finfo(np.float32).eps) / 2, "float64": float(np.finfo(np.float64).eps) / 2}
+#: beyond this score radius even float64 roundoff (~u e^{2 beta}) exceeds any useful tolerance
+MAX_CERTIFIABLE_BETA = 18.0
+#: float32 features are refused above this beta: cancellation makes roundoff ~ u e^{2 beta}
+#: (docs/design.md#numerics)
+FLOAT32_MAX_BETA = 4.0
+
+
+@dataclass(frozen=True)
+class Certificate:
+    """The certified output error of one polynomial at one score radius. The gradient parts
+    (``derivative_error``, ``derivative_roundoff``, ``grad_factor``) are computed on first use from
+    the approximant and beta they belong to: a call that takes no gradient and asks for no
+    gradient bound never pays for them."""
+
+    degree: int
+    rank: int
+    approx_error: float  # certified relative error of the weights (exact arithmetic)
+    roundoff: float  # floating-point estimate for the feature dtype (relative)
+    output_error: float  # output_error(approx + roundoff): bound on max|out - exact| / vmax
+    feature_dtype: str
+    #: the approximant and score radius the certificate is for (the gradient parts need them)
+    approximant: Approximant | None = field(default=None, compare=False, repr=False)
+    beta: float = 0.0
+    #: the sizes the roundoff estimate is for: expanded feature size, keys per slot, order
+    D: int = field(default=0, compare=False, repr=False)
+    m: int = field(default=0, compare=False, repr=False)
+    order: int = field(default=2, compare=False, repr=False)
+
+    @property
+    def weight_error(self) -> float:
+        """eps: relative error of every surrogate weight P(s) against e^s (approximation + roundoff)."""
+        return self.approx_error + self.roundoff
+
+    @cached_property
+    def derivative_error(self) -> float:
+        """Certified relative error of P' (exact arithmetic)."""
+        if self.approximant is None:
+            return math.inf
+        try:
+            return self.approximant.derivative_error(self.beta, self.degree)
+        except NotImplementedError:  # pragma: no cover
+            return math.inf
+
+    @cached_property
+    def derivative_roundoff(self) -> float:
+        """Floating-point estimate for P' in the feature dtype: the backward sums the same r
+        monomials and m tokens, with P' in place of P."""
+        if self.approximant is None:
+            return math.inf
+        a = self.approximant
+        return self.roundoff * a.abs_sum_derivative(self.beta, self.degree) / max(a.abs_sum(self.beta, self.degree),
+                                                                                  1e-300)
+
+    @cached_property
+    def direct_roundoff(self) -> float:
+        """Roundoff estimate when each weight P(s) is evaluated from its score (Horner) instead of
+        from the features: the score's dot product of D (times k-1) terms errs by at most
+        (D + k - 1) u beta, which moves P by max|P'| times that; Horner adds 2g u P_abs; the sums over
+        the m tokens are estimated as in ``roundoff_estimate``. The backend evaluates P this way (the
+        direct form, the causal diagonal blocks) only where this is at most ``roundoff``
+        (docs/design.md#the-direct-form), so the certificate covers both."""
+        a, b, g, k = self.approximant, self.beta, self.degree, self.order
+        if a is None:
+            return math.inf
+        u = UNIT_ROUNDOFF[self.feature_dtype]
+        mag = (2 * g + 4 * math.sqrt(self.m)) * a.abs_sum(b, g) + (self.D + k - 1) * b * a.abs_sum_derivative(b, g)
+        return u * mag * math.exp(b) * max(1, k - 1)
+
+    @property
+    def direct_ok(self) -> bool:
+        """Whether evaluating P from the scores stays within this certificate's roundoff."""
+        return self.direct_roundoff <= self.roundoff
+
+    @cached_property
+    def grad_factor(self) -> float:
+        """eta of docs/torch.md (G3): relative error of the score gradients."""
+        return gradient_factor(self.weight_error, self.derivative_error + self.derivative_roundoff)
+
+
+def roundoff_estimate(approx: Approximant, beta: float, g: int, rank: int, m: int, order: int, dtype: str) -> float:
+    """Relative roundoff of the factorized evaluation.
+
+    Each weight is a sum over r monomials and each statistic a sum over m tokens; both are bounded by
+    P_abs(beta) = sum |c_t| beta^t (Hoelder), while the smallest exact weight is e^-beta. We use the
+    standard-model estimate u (2g + 4 sqrt(r + m)) per sum (the worst case grows with r + m instead
+    of its square root).
+    """
+    u = UNIT_ROUNDOFF[dtype]
+    return u * (2 * g + 4 * math.sqrt(rank + m)) * approx.abs_sum(beta, g) * math.exp(beta) * max(1, order - 1)
+
+
+def gradient_factor(eps: float, deps: float) -> float:
+    """eta (docs/torch.md, eq. G3): with weights within relative eps and slopes within eps' of e^s,
+
+        sum_tau |dL~/ds_tau - dL/ds_tau| <= eta * max_tau |<dO_i, V_tau>|   for every query i,
+
+    eta = 2 (eps + eps') / (1 - eps) + rho(eps), rho the transfer lemma (``output_error``)."""
+    if not eps < 1.0:
+        return math.inf
+    return float(2.0 * (eps + deps) / (1.0 - eps) + output_error(eps))
+
+
+def certify(approx: Approximant, beta: float, g: int, D: int, m: int, order: int, dtype: str) -> Certificate:
+    r = rank_for(D, g)
+    eps = approx.certified_error(beta, g)
+    rnd = roundoff_estimate(approx, beta, g, r, m, order, dtype)
+    return Certificate(g, r, eps, rnd, output_error(eps + rnd), dtype, approx, float(beta), D, m, order)
+
+
+def choose_certificate(
+    approx: Approximant,
+    beta: float,
+    tol: float,
+    D: int,
+    m: int,
+    order: int,
+    *,
+    input_dtype: str,
+    max_degree: int,
+    need_grad: bool = False,
+    feature_dtype: str | None = None,
+) -> Certificate | None:
+    """Smallest degree whose certified output (and, with need_grad, gradient) error is <= tol.
+
+    The feature dtype is ``feature_dtype`` when pinned; else float64 when the input is float64,
+    when beta > FLOAT32_MAX_BETA, or when float32 roundoff alone would use more than half of the
+    tolerance."""
+    if not beta <= MAX_CERTIFIABLE_BETA:
+        return None
+    for g in range(0, max_degree + 1):
+        if output_error(approx.truncation_error(beta, g)) > tol:
+            continue  # the truncation alone is too large: skip the costlier parts of the bound
+        dtype = feature_dtype or input_dtype
+        cert = certify(approx, beta, g, D, m, order, dtype)
+        if feature_dtype is None and dtype == "float32":
+            if beta > FLOAT32_MAX_BETA or cert.roundoff > tol / 2 or (need_grad and cert.derivative_roundoff > tol / 8):
+                cert = certify(approx, beta, g, D, m, order, "float64")
+        ok = cert.output_error <= tol and (not need_grad or cert.grad_factor <= tol)
+        if ok:
+            return cert
+    return None
+
+
+def certify_degree(approx: Approximant, beta: float, g: int, D: int, m: int, order: int, *,
+                   input_dtype: str, feature_dtype: str | None = None) -> Certificate | None:
+    """The certificate of a pinned degree ``g`` (experiments): features in ``feature_dtype``, or
+    the dtype ``choose_certificate`` would use. None when beta is past certification."""
+    if not beta <= MAX_CERTIFIABLE_BETA:
+        return None
+    dtype = feature_dtype or ("float64" if input_dtype == "float64" or beta > FLOAT32_MAX_BETA else "float32")
+    return certify(approx, beta, g, D, m, order, dtype)
+
+
+@dataclass(frozen=True)
+class PolynomialCertificate:
+    """The certificate of an attention polynomial: one polynomial per term.
+
+    Every term's weight is within relative eps_t of exp(term), so the weight of a key tuple, the
+    product over terms, is within prod_t (1 + eps_t) - 1 (``weight_error``); the transfer lemma
+    turns that into ``output_error`` (per unit of max|v|), for any n."""
+
+    terms: tuple[Certificate, ...]
+    weight_error: float
+    output_error: float
+    feature_dtype: str
+
+    @property
+    def degree(self) -> int:
+        """The largest degree over the terms (``degrees`` has each)."""
+        return max(c.degree for c in self.terms)
+
+    @property
+    def degrees(self) -> tuple[int, ...]:
+        return tuple(c.degree for c in self.terms)
+
+    @property
+    def ranks(self) -> tuple[int, ...]:
+        return tuple(c.rank for c in self.terms)
+
+    @property
+    def rank(self) -> int:
+        """The largest feature rank over the terms."""
+        return max(self.ranks)
+
+    @property
+    def approx_error(self) -> float:
+        return math.prod(1.0 + c.approx_error for c in self.terms) - 1.0
+
+    @property
+    def roundoff(self) -> float:
+        return self.weight_error - self.approx_error
+
+    @property
+    def grad_factor(self) -> float:
+        """No gradient certificate is derived for attention polynomials (autograd still runs)."""
+        return math.inf
+
+
+def weight_budget(tol: float) -> float:
+    """The largest relative weight error eps whose output error (transfer lemma) is <= tol:
+    2 eps / (1 + sqrt(1 - eps^2)) = 2 tan(theta / 2) for eps = sin(theta)."""
+    return tol / (1.0 + tol * tol / 4.0)
+
+
+def choose_polynomial_certificate(approx: Approximant, terms, tol: float, m: int, *, input_dtype: str,
+                                  max_degree: int, feature_dtype: str | None = None,
+                                  degree: int | None = None) -> PolynomialCertificate | None:
+    """Per term, the smallest degree whose certified relative error (approximation + roundoff)
+    fits its share of the budget: (1 + eps_t)^T <= 1 + eps with output_error(eps) <= tol.
+    ``terms`` are the TermStats; a pinned ``degree`` is used for every term as it is."""
+    if not all(t.beta <= MAX_CERTIFIABLE_BETA for t in terms):
+        return None
+    share = (1.0 + weight_budget(tol)) ** (1.0 / len(terms)) - 1.0
+    # float64 unless pinned: the methods multiply features of several terms and merge monomials,
+    # beyond what the single-term roundoff estimate models
+    dtypes = [feature_dtype] if feature_dtype else ["float64"]
+    for dtype in dtypes:
+        if dtype == "float32" and feature_dtype is None and max(t.beta for t in terms) > FLOAT32_MAX_BETA:
+            continue
+        certs = []
+        for t in terms:
+            found = None
+            for g in (range(0, max_degree + 1) if degree is None else (degree,)):
+                if degree is None and approx.truncation_error(t.beta, g) > share:
+                    continue
+                cert = certify(approx, t.beta, g, t.D, m, t.order, dtype)
+                if degree is not None or cert.weight_error <= share:
+                    found = cert
+                    break
+            if found is None:
+                break
+            certs.append(found)
+        else:
+            eps = math.prod(1.0 + c.weight_error for c in certs) - 1.0
+            rnd = eps - (math.prod(1.0 + c.approx_error for c in certs) - 1.0)
+            if dtype == "float32" and feature_dtype is None and rnd > tol / 2:
+                continue  # float32 roundoff would use more than half of tol: use float64
+            return PolynomialCertificate(tuple(certs), eps, output_error(eps), dtype)
+    return None
+
+
+@dataclass(frozen=True)
+class GradientBound:
+    """Certified bounds on the gradient error of the poly surrogate, per input (docs/torch.md).
+
+    For each input X (``names``: "q", the keys, the values), with dO the upstream gradient and rows
+    dO_i of shape (E,):
+
+        max over tokens of || dL~/dX_token - dL/dX_token ||_2  <=  per_l1[X] * max_i ||dO_i||_1
+
+    and, for values, also <= per_max[X] * max|dO|. Each bound covers every entry of the gradient.
+    """
+
+    names: tuple[str, ...]
+    per_l1: tuple[float, ...]
+    per_max: tuple[float, ...]
+
+    @property
+    def unit(self) -> float:
+        """The largest bound over inputs for max_i ||dO_i||_1 = 1 (``AttentionInfo.grad_error_bound``)."""
+        return max(self.per_l1)
+
+    def for_upstream(self, dout_l1: float, dout_max: float) -> dict[str, float]:
+        """Bounds for an upstream gradient with max_i ||dO_i||_1 = dout_l1 and max|dO| = dout_max."""
+        def times(a: float, x: float) -> float:
+            return 0.0 if a == 0.0 or x == 0.0 else a * x
+
+        return {name: min(times(a, dout_l1), times(b, dout_max))
+                for name, a, b in zip(self.names, self.per_l1, self.per_max)}
+
+
+def _column_mass(n_visible: np.ndarray, ratio: float) -> float:
+    """sum over queries of min(1, ratio / visible): bounds how much attention one key can collect."""
+    vis = n_visible[n_visible > 0].astype(np.float64)
+    return float(np.minimum(1.0, ratio / vis).sum())
+
+
+def certify_gradients(plan, ops, maxima) -> GradientBound | None:
+    """The certified gradient bound of docs/torch.md (G4-G6) for one call.
+
+    ``maxima`` carries the per-operand maxima (expanded l2 norms, max |entry|, max |value|, ||W||_2)
+    that beta was built from. Exact gets zeros; backends without a certificate get None.
+    """
+    from .bounds import _missing_factor
+
+    spec = ops.spec
+    k = spec.order
+    nk = k - 1
+    names = ("q", "k", "v") if nk == 1 else (
+        "q", *(f"k[{i}]" for i in range(nk)), *(f"v[{i}]" for i in range(nk)))
+    if plan.backend == "exact":
+        zeros = (0.0,) * len(names)
+        return GradientBound(names, zeros, zeros)
+    cert = plan.certificate
+    if plan.backend != "poly" or cert is None or spec.is_polynomial:
+        return None  # no certificate, or an attention polynomial (no gradient certificate derived)
+    se, ve = spec.score_einsum, spec.value_einsum
+    eps, eta = cert.weight_error, cert.grad_factor
+    pf = 2.0 * eps / (1.0 - eps) if eps < 1 else math.inf  # |p~ - p| <= pf * p (G5)
+    l2, linf, vals = list(maxima.l2), list(maxima.linf), list(maxima.vals)
+    scale = abs(ops.scale)
+    # S_m >= ||ds/dX_m||_2 by the Hoelder argument that gives beta (G4)
+    sens = []
+    for m in range(k):
+        mf = _missing_factor(se.features[m], se.contracted, ops.sizes)
+        best = min(l2[a] * math.prod(linf[b] for b in range(k) if b not in (m, a)) for a in range(k) if a != m)
+        sens.append(scale * mf * best * maxima.wnorm)
+    # C_m >= max_j sum_i P_i(slot m = j): a visible weight is at most e^{2 beta} times any other (G6)
+    slope = ops.alibi_slope if spec.positional == "relative" else None
+    ratio = math.inf if slope else math.exp(min(2.0 * plan.beta, 700.0))
+    qpos = ops.q_positions().cpu().numpy()
+    mass = []
+    for s in range(nk):
+        m_s = ops.ms[s]
+        if ops.causal:
+            first = int(ops.k_positions(s)[0]) if m_s else 0
+            visible = np.clip(qpos - first + 1, 0, m_s)
+        else:
+            visible = np.full(ops.n, m_s)
+        mass.append(_column_mass(visible, ratio))
+    vmax = plan.vmax
+    per_l1 = [eta * vmax * sens[0]] + [eta * vmax * sens[1 + s] * mass[s] for s in range(nk)]
+    per_max = list(per_l1)
+    for s in range(nk):
+        others = math.prod(vals[:s] + vals[s + 1:])
+        letters = ve.value_letters[s]
+        summed = math.prod(ops.value_sizes[c] for c in ve.summed if c not in letters)
+        free_out = math.prod(ops.value_sizes[c] for c in ve.out_letters if c not in letters)
+        per_l1.append(pf * mass[s] * others * summed)
+        per_max.append(pf * mass[s] * others * summed * free_out)
+    return GradientBound(names, tuple(per_l1), tuple(per_max))
