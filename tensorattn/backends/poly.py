@@ -7,8 +7,10 @@ tuples factorizes:
 
     out_i = U_q[i] . combine_m(U_m^T [v_m | 1])     (the combine is the value einsum, entrywise in r)
 
-so the cost is O((n + sum m) r e) instead of O(n prod m d). Causal attention replaces each
-U_m^T [v_m | 1] by its prefix sum over positions, chunked so memory stays O(chunk r e).
+so the cost is O((n + sum m) r e) instead of O(n prod m d), in token chunks whose features stay in
+cache. Causal attention runs in blocks: P inside each diagonal block, prefix states across blocks
+(``poly_causal``). For short sequences the plan may pick the direct form, P evaluated from the
+scores (docs/design.md#the-direct-form).
 
 The factorized engine (``FactorizedAttention``) takes feature callables, so the random-feature and
 Taylor baselines and the distributed frontend reuse it with their own feature maps.

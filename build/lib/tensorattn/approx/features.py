@@ -77,7 +77,7 @@ def monomial_tables(D: int, g: int) -> MonomialTables:
     return MonomialTables(D, g, tuple(parents), tuple(coords), tuple(prefixes), np.concatenate(degrees), multinomial)
 
 
-#: below this many feature elements (per batch row) the map is built by g row gathers from [1, x]
+#: below this many feature elements (all batch rows together) the map is built by g row gathers from [1, x]
 #: (g + g - 1 ops) instead of D * g block multiplies: at small N the per-op cost dominates
 GATHER_ELEMS = 1 << 18
 
@@ -102,7 +102,7 @@ def _gathered(xt: torch.Tensor, g: int) -> torch.Tensor:
     """feature_map_t for small inputs: rows of [1, x] gathered and multiplied, g factors at a time."""
     idx = factor_table(xt.shape[-2], g, xt.device)
     lead, N = xt.shape[:-2], xt.shape[-1]
-    xa = torch.cat([xt.new_ones(*lead, 1, N), xt], dim=-2).reshape(-1, xt.shape[-2] + 1, N)
+    xa = torch.cat([xt.new_ones(*lead, 1, N), xt], dim=-2).reshape(math.prod(lead), xt.shape[-2] + 1, N)
     out = xa.index_select(1, idx[0])
     for j in range(1, g):
         out.mul_(xa.index_select(1, idx[j]))
@@ -127,7 +127,7 @@ def feature_map_t(xt: torch.Tensor, g: int) -> torch.Tensor:
             levels.append(torch.cat([prev[..., :cnt, :] * xt[..., c: c + 1, :]
                                      for c, cnt in enumerate(tab.prefix[t])], dim=-2))
         return torch.cat(levels, dim=-2)
-    if g >= 1 and tab.rank * N <= GATHER_ELEMS:
+    if g >= 1 and math.prod(lead) * tab.rank * N <= GATHER_ELEMS:
         return _gathered(xt, g)
     out = xt.new_empty(*lead, tab.rank, N)
     out[..., 0, :] = 1
