@@ -30,6 +30,7 @@ the repository root:
 
 ```bash
 pip install torch==2.13.0 && pip install -e ".[bench]"
+# no GPU? the CPU wheel instead: pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
 {command}
 python benchmarks/publish.py --from-results   # rebuild this page from latest/results.json
 ```
@@ -78,7 +79,7 @@ def notes(results: dict) -> str:
         out.append(
             f"**Triple, n = 1,024.** poly's time is almost all fixed per-call cost: it rises only {rise}, while "
             f"exact's grows as n³.{where} The measured ratios (" + "; ".join(ratios) + ") grow about 4× per "
-            "doubling of n, so the 1,000× target would be passed near n = 2,048 if the trend holds (`--suite full` "
+            "doubling of n, so the target would be passed within a doubling of n if the trend holds (`--suite full` "
             "measures n = 2,048).")
     g = results["experiments"].get("gemm")
     if g and any(w.startswith("poly run") for w in missed):
@@ -162,7 +163,17 @@ def render(results: dict) -> str:
     body = body.replace("### Results\n", notes(results) + full + "### Results\n", 1)
     return HEADER.format(command=results["command"], suite_flag="" if suite == "default" else f" --suite {suite}",
                          others=other_scripts()) \
-        + f"## Latest run ({suite} suite)\n" + body
+        + speed_targets() + f"## Latest run ({suite} suite)\n" + body
+
+
+def speed_targets() -> str:
+    """The table of benchmarks/speed_targets.py (latest/speed_targets.md), when it has been run."""
+    path = LATEST / "speed_targets.md"
+    if not path.exists():
+        return ""
+    return ("## Speed targets (per-call cost, causal, FFT path, fused features)\n\n"
+            "From `benchmarks/speed_targets.py`: each line is a ratio of two timings taken in one process, "
+            "interleaved.\n\n" + path.read_text() + "\n")
 
 
 def main() -> None:

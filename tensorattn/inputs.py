@@ -176,6 +176,9 @@ def _check_float(t: torch.Tensor, name: str) -> None:
 
 def check_finite(t: torch.Tensor, name: str) -> None:
     with torch.no_grad():  # a check, not part of the graph autograd keeps
+        # one reduction: max |entry| is finite iff every entry is (NaN propagates through it)
+        if t.numel() == 0 or math.isfinite(float(torch.linalg.vector_norm(t, ord=math.inf))):
+            return
         finite = torch.isfinite(t)
     if not bool(finite.all()):
         bad = (~finite).nonzero()
@@ -276,6 +279,8 @@ def term_operands(spec: Spec, sizes: dict[str, int], arrays: list[torch.Tensor],
 def expand_operand(t: torch.Tensor, feats: str, contracted: tuple[str, ...], sizes: dict[str, int]) -> torch.Tensor:
     """(Z, N, *feats) -> (Z, N, D): the operand's value at every contracted index tuple I."""
     Z, N = t.shape[:2]
+    if len(feats) == 1 and tuple(feats) == tuple(contracted):  # already (Z, N, D)
+        return t
     perm = [feats.index(c) for c in contracted if c in feats]
     t = t.permute(0, 1, *(2 + p for p in perm))
     shape = [Z, N] + [sizes[c] if c in feats else 1 for c in contracted]

@@ -146,3 +146,26 @@ def test_poly_at_degree_is_certified():
         errors.append(float(np.abs(out - ref).max()))
         assert errors[-1] <= bound
     assert errors[0] > errors[1] > errors[2]
+
+
+def test_non_monotone_rows_are_found():
+    from tensorattn.bench.runner import non_monotone
+
+    def row(backend, n, t, causal=False):
+        return dict(spec="pairwise", backend=backend, n=n, d=8, B=1.0, tol=1e-3, causal=causal, status="ok",
+                    median_s=t)
+
+    rows = [row("poly", 64, 1.0), row("poly", 128, 0.5), row("poly", 256, 2.0), row("exact", 64, 1.0),
+            row("exact", 128, 0.95), row("poly", 128, 0.1, causal=True)]
+    assert non_monotone(rows) == {1}  # 5% faster is within the slack; other settings are other groups
+
+
+def test_load_probe_and_spread():
+    from tensorattn.bench.measure import LoadProbe, measure
+
+    with LoadProbe() as probe:
+        sum(range(200_000))
+        time.sleep(0.06)
+    assert probe.foreign is None or 0.0 <= probe.foreign <= 1.0
+    timing, _ = measure(lambda: None, warmup=0, repeats=50, min_repeats=3, max_spread=10.0)
+    assert timing.repeats == 3 and timing.spread >= 0.0  # stops once the spread is small enough

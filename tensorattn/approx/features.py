@@ -77,6 +77,38 @@ def monomial_tables(D: int, g: int) -> MonomialTables:
     return MonomialTables(D, g, tuple(parents), tuple(coords), tuple(prefixes), np.concatenate(degrees), multinomial)
 
 
+#: below this many feature elements (all batch rows together) the map is built by g row gathers from [1, x]
+#: (g + g - 1 ops) instead of D * g block multiplies: at small N the per-op cost dominates
+GATHER_ELEMS = 1 << 18
+
+
+@lru_cache(maxsize=64)
+def factor_table(D: int, g: int, device: torch.device) -> torch.Tensor:
+    """(g, r): the rows of [1, x] whose product is each monomial (0, the row of ones, pads a
+    monomial of degree < g), in the order of ``monomial_tables``."""
+    tab = monomial_tables(D, g)
+    coords = [np.zeros((1, 0), np.int64)]
+    for t in range(1, g + 1):
+        coords.append(np.concatenate([coords[-1][tab.parents[t]], tab.coords[t][:, None] + 1], axis=1))
+    idx = np.zeros((tab.rank, g), np.int64)
+    row = 0
+    for t, c in enumerate(coords):
+        idx[row: row + c.shape[0], :t] = c
+        row += c.shape[0]
+    return torch.as_tensor(idx.T.copy(), device=device)
+
+
+def _gathered(xt: torch.Tensor, g: int) -> torch.Tensor:
+    """feature_map_t for small inputs: rows of [1, x] gathered and multiplied, g factors at a time."""
+    idx = factor_table(xt.shape[-2], g, xt.device)
+    lead, N = xt.shape[:-2], xt.shape[-1]
+    xa = torch.cat([xt.new_ones(*lead, 1, N), xt], dim=-2).reshape(math.prod(lead), xt.shape[-2] + 1, N)
+    out = xa.index_select(1, idx[0])
+    for j in range(1, g):
+        out.mul_(xa.index_select(1, idx[j]))
+    return out.reshape(*lead, idx.shape[1], N)
+
+
 def feature_map_t(xt: torch.Tensor, g: int) -> torch.Tensor:
     """phi for tokens laid out last: xt of shape (..., D, N) -> (..., C(D+g, g), N).
 
@@ -95,6 +127,8 @@ def feature_map_t(xt: torch.Tensor, g: int) -> torch.Tensor:
             levels.append(torch.cat([prev[..., :cnt, :] * xt[..., c: c + 1, :]
                                      for c, cnt in enumerate(tab.prefix[t])], dim=-2))
         return torch.cat(levels, dim=-2)
+    if g >= 1 and math.prod(lead) * tab.rank * N <= GATHER_ELEMS:
+        return _gathered(xt, g)
     out = xt.new_empty(*lead, tab.rank, N)
     out[..., 0, :] = 1
     lo, hi = 0, 1  # rows of the previous degree
@@ -111,8 +145,9 @@ def feature_map(x: torch.Tensor, g: int) -> torch.Tensor:
     """phi(x) for x of shape (..., N, D): all monomials of degree <= g, shape (..., N, C(D+g, g)).
 
     The result is a transposed view of a tokens-last buffer, so ``phi.transpose(-1, -2)`` is
-    contiguous for the key-side GEMM U^T [v | 1]."""
-    return feature_map_t(x.transpose(-1, -2), g).transpose(-1, -2)
+    contiguous for the key-side GEMM U^T [v | 1]. The tokens-last copy of x is contiguous, so each
+    block multiply streams over unit-stride rows (about 2x faster than a strided view)."""
+    return feature_map_t(x.transpose(-1, -2).contiguous(), g).transpose(-1, -2)
 
 
 def query_weights(coeffs: np.ndarray, scale: float, D: int, g: int) -> np.ndarray:

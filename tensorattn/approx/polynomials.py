@@ -9,7 +9,6 @@ max_{|s|<=beta} |P(s)/e^s - 1|, and ``degree_for(beta, tol)`` the smallest degre
 from __future__ import annotations
 
 import math
-from fractions import Fraction
 from functools import lru_cache
 
 import numpy as np
@@ -62,14 +61,25 @@ def _chebyshev_coefficients(beta: float, g: int) -> np.ndarray:
         # TINY_BETA the two differ by far less than float64 rounding, and scipy's I_k(beta)
         # underflow (to 0, or NaN near the smallest normal) would lose the slope.
         return np.array([1.0 / math.factorial(t) for t in range(g + 1)])
-    cheb = [Fraction(float(special.iv(k, beta))) * (1 if k == 0 else 2) for k in range(g + 1)]
-    inv = Fraction(1) / Fraction(beta)
-    mono = [Fraction(0)] * (g + 1)
-    for k, a in enumerate(cheb):
+    # exact rational arithmetic in Python integers, one correctly rounded division per coefficient:
+    # a_k = ints[k] / den (the float Bessel values, exactly), c_t = sum_k a_k T_k[t] / beta^t
+    cheb = [float(special.iv(k, beta)) * (1 if k == 0 else 2) for k in range(g + 1)]
+    ratios = [x.as_integer_ratio() for x in cheb]
+    den = max(d for _, d in ratios)  # powers of two: each divides the largest
+    ints = [num * (den // d) for num, d in ratios]
+    mono = [0] * (g + 1)
+    for k, a in enumerate(ints):
         for t, c in enumerate(_chebyshev_monomials(k)):
             if c:
                 mono[t] += a * c
-    return np.array([float(c * inv**t) for t, c in enumerate(mono)])
+    p, q = beta.as_integer_ratio()  # beta = p / q, so 1 / beta^t = q^t / p^t
+    return np.array([(mono[t] * q**t) / (den * p**t) for t in range(g + 1)])
+
+
+@lru_cache(maxsize=1024)
+def _abs_sum(approx: "Approximant", beta: float, g: int) -> float:
+    """The planner asks for P_abs several times per call at one (beta, g): compute it once."""
+    return approx._abs_sum(beta, g)
 
 
 class Approximant:
@@ -86,6 +96,9 @@ class Approximant:
 
     def abs_sum(self, beta: float, g: int) -> float:
         """sum_t |c_t| beta^t: the magnitude that roundoff in features is relative to."""
+        return _abs_sum(self, float(beta), int(g))
+
+    def _abs_sum(self, beta: float, g: int) -> float:
         c = self.coefficients(beta, g)
         return float(np.sum(np.abs(c) * beta ** np.arange(len(c))))
 

@@ -27,6 +27,7 @@ from ..inputs import Operands
 from ..masks import factorized_refusal
 from ..registry import Backend, Refusal
 from .poly import FactorizedAttention, expand_operand
+from .poly_causal import polynomial_score_kernel
 
 #: the degree-2 Taylor coefficients of exp: 1 + s + s^2 / 2
 TAYLOR2_COEFFS = np.array([1.0, 1.0, 0.5])
@@ -208,6 +209,7 @@ class Taylor2Backend(Backend):
             query_weights=w,  # folded into the combined statistics, as poly does
             divisors=divisors,
         )
+        engine.score_kernel = polynomial_score_kernel(TAYLOR2_COEFFS, scale)  # causal diagonal blocks
         return finite_or_refuse(engine.run(), plan, "its kernel 1 + s + s^2/2").to(dtype)
 
 

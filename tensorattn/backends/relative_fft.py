@@ -168,8 +168,14 @@ def relative_attention(plan, ops: Operands) -> torch.Tensor:
         if dt.kernels == 0:
             continue
         spectra = KernelSpectra(dt, Wp, weights, factor, N)
+        # The path holds u_hat and acc, (z, F, n_alpha, c) each, whatever the budget; kernel spectra
+        # of up to that size keep the row chunks of a component wide (>= c rows typically). Narrow
+        # row chunks gather the component's column block once per chunk, and their number grows
+        # with F: the products then cost O(F^2) instead of O(F). The per-frequency products are
+        # chunked over frequencies instead, within the budget.
+        tile_budget = max(budget, F * dt.n_alpha * c * z_chunk)
         rb_max = max(1, int(np.bincount(dt.kernel_alpha).max()))
-        max_rows = max(1, min(dt.n_alpha, budget // (4 * F * (rb_max + z_chunk * c))))
+        max_rows = max(1, min(dt.n_alpha, tile_budget // ((2 * F + L) * rb_max)))
         groups = degree_tiles(d, pairs, g, dt.t, max_rows)
         for z0 in range(0, Z, z_chunk):
             z1 = min(Z, z0 + z_chunk)
@@ -178,8 +184,8 @@ def relative_attention(plan, ops: Operands) -> torch.Tensor:
             acc = u_hat.new_zeros(z1 - z0, F, dt.n_alpha, c)
             for grp in groups:
                 P, ra, rb = grp.kernel_map.shape
-                per_tile = F * (ra * rb + (z1 - z0) * (ra + rb) * c) * 2 + L * ra * rb
-                step = max(1, budget // per_tile)
+                # kernel spectra of `step` tiles at a time: (F, step ra rb) plus their terms over L
+                step = max(1, tile_budget // (F * ra * rb * 2 + L * ra * rb))
                 for p0 in range(0, P, step):
                     kmap = grp.kernel_map[p0: p0 + step]
                     used, local = np.unique(kmap, return_inverse=True)
@@ -187,9 +193,15 @@ def relative_attention(plan, ops: Operands) -> torch.Tensor:
                     H = spectra(real)
                     H = torch.cat([H, H.new_zeros(F, used.size - real.size)], dim=1)  # the zero kernel, if any
                     Ht = H[:, torch.as_tensor(local.reshape(kmap.shape), device=H.device)]  # (F, p, ra, rb)
-                    Ut = u_hat[:, :, torch.as_tensor(grp.cols[p0: p0 + step], device=H.device)]  # (z, F, p, rb, c)
-                    rows = torch.as_tensor(grp.rows[p0: p0 + step].reshape(-1), device=H.device)
-                    acc[:, :, rows] = (Ht @ Ut).reshape(z1 - z0, F, -1, c)  # per frequency: H^(f) u^(f)
+                    del H
+                    cols = torch.as_tensor(grp.cols[p0: p0 + step], device=Ht.device)
+                    rows = torch.as_tensor(grp.rows[p0: p0 + step].reshape(-1), device=Ht.device)
+                    p = kmap.shape[0]
+                    fstep = max(1, budget // (p * (ra + rb) * c * (z1 - z0) * 2))
+                    for f0 in range(0, F, fstep):  # per frequency: H^(f) u^(f)
+                        f1 = min(F, f0 + fstep)
+                        Ut = u_hat[:, f0:f1, cols]  # (z, f, p, rb, c)
+                        acc[:, f0:f1, rows] = (Ht[f0:f1] @ Ut).reshape(z1 - z0, f1 - f0, -1, c)
             conv = torch.fft.irfft(acc, n=N, dim=1)[:, m - 1: m - 1 + n]  # (z, n, n_alpha, c)
             out[z0:z1] = out[z0:z1] + (xq[z0:z1, :, block, None] * conv).sum(2)
     visible = ops.visible_rows()

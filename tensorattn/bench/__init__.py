@@ -40,10 +40,17 @@ def _progress_bar(enabled: bool):
 
 def _method(suite: Suite) -> list[str]:
     return [
-        f"Timing: each case makes {suite.warmup} untimed warm-up call(s), then up to {suite.repeats} timed "
-        f"calls (at least {suite.min_repeats}; fewer once the timed calls pass {suite.max_case_seconds:g} s); "
-        "the median is reported. The timer brackets one `ta.attention` call on inputs already built as "
-        "float32 torch tensors (batch 1); the call includes validation and planning, as a user sees it.",
+        f"Timing: each case makes {suite.warmup} untimed warm-up call(s), then timed calls: at least "
+        f"{suite.min_repeats}, then until the spread (median − fastest) / fastest is at most "
+        f"{100 * suite.max_spread:.0f}%, at most {suite.repeats}, fewer once the timed calls pass "
+        f"{suite.max_case_seconds:g} s; the median is reported. The timer brackets one `ta.attention` call on "
+        "inputs already built as float32 torch tensors (batch 1); the call includes validation and planning, "
+        "as a user sees it.",
+        f"Load from outside the process: the CPU time other processes used during each case's timed calls "
+        f"(/proc/stat minus this process's own CPU time) is recorded as a share of all cores. Cases timed "
+        f"while it exceeded {100 * suite.load_limit:.0f}%, cases with a larger spread, and cases faster than "
+        f"the same backend at a smaller n are timed again after the sweep (within {suite.rerun_seconds:g} s); "
+        "the steadier measurement is kept, and what stays unsteady or non-monotone is flagged.",
         "Every ratio is computed from medians measured in this run.",
         f"Estimated cases (`~`, `estimated` in results): exact and sdpa visit n·m^(k-1) key tuples; past "
         f"{suite.quadratic_work_cap:.3g} tuples they run on two blocks of query rows (r/4 and r rows, r·m^(k-1) "
@@ -109,7 +116,8 @@ def run_bench(suite: str | Suite = "default", out: str | os.PathLike = "bench-re
     env["load_average_end"] = load_average()
     results = dict(
         command=command or f"run_bench({s.name!r})", date=date, wall_s=time.perf_counter() - start,
-        suite=dict(name=s.name, parts=list(s.parts), warmup=s.warmup, repeats=s.repeats,
+        suite=dict(name=s.name, parts=list(s.parts), warmup=s.warmup, repeats=s.repeats, max_spread=s.max_spread,
+                   load_limit=s.load_limit, rerun_seconds=s.rerun_seconds,
                    min_repeats=s.min_repeats, max_case_seconds=s.max_case_seconds,
                    quadratic_work_cap=s.quadratic_work_cap, estimate_work=s.estimate_work,
                    error_work_cap=s.error_work_cap),

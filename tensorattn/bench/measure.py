@@ -51,32 +51,90 @@ def single_thread():
         torch.set_num_threads(threads)
 
 
+def _cpu_ticks() -> tuple[int, int] | None:
+    """(busy, total) jiffies of the whole machine from /proc/stat, or None off Linux."""
+    try:
+        with open("/proc/stat") as fh:
+            fields = [int(x) for x in fh.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
+class LoadProbe:
+    """CPU time that *other* processes used while a block ran, as a fraction of all cores.
+
+    The machine's busy jiffies (/proc/stat) minus this process's own CPU time (os.times) over the
+    block, divided by the wall time and the core count: 0 on an idle machine, about 1 when other
+    processes keep every core busy. Unlike the load average (a 1-minute mean) it covers exactly
+    the timed calls. ``foreign`` stays None where /proc/stat is missing or the block was too short
+    to resolve (jiffies are 10 ms)."""
+
+    def __init__(self) -> None:
+        self.foreign: float | None = None
+
+    def __enter__(self) -> "LoadProbe":
+        self._ticks = _cpu_ticks()
+        self._own = os.times()
+        self._wall = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        end = _cpu_ticks()
+        own = os.times()
+        if self._ticks is None or end is None:
+            return
+        busy, total = end[0] - self._ticks[0], end[1] - self._ticks[1]
+        if total <= 0 or time.perf_counter() - self._wall < 0.05:
+            return
+        hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+        own_ticks = ((own.user - self._own.user) + (own.system - self._own.system)) * hz
+        self.foreign = max(0.0, min(1.0, (busy - own_ticks) / total))
+
+
 @dataclass(frozen=True)
 class Timing:
     median: float
     times: tuple[float, ...]
+    #: other processes' share of the CPU during the timed calls (``LoadProbe``), None if unknown
+    foreign_load: float | None = None
 
     @property
     def repeats(self) -> int:
         return len(self.times)
 
+    @property
+    def spread(self) -> float:
+        """(median - fastest) / fastest over the timed calls: 0 for perfectly steady timings."""
+        fastest = min(self.times)
+        return (self.median - fastest) / fastest if fastest > 0 else 0.0
+
 
 def measure(fn: Callable[[], object], *, warmup: int = 1, repeats: int = 3, min_repeats: int = 2,
-            max_seconds: float = 2.0) -> tuple[Timing, object]:
-    """Run ``fn`` ``warmup`` times untimed, then up to ``repeats`` timed runs (at least
-    ``min_repeats``, fewer once the timed runs pass ``max_seconds``). Returns the median and the
-    last result. The timer brackets only the call: inputs are built before, errors computed after."""
+            max_seconds: float = 2.0, max_spread: float | None = None) -> tuple[Timing, object]:
+    """Run ``fn`` ``warmup`` times untimed, then timed runs: at least ``min_repeats``; then until
+    the spread ((median - fastest) / fastest) is at most ``max_spread`` (when given), at most
+    ``repeats`` runs, stopping early once the timed runs pass ``max_seconds``. Returns the timing
+    (median, every time, the foreign load during the timed runs) and the last result. The timer
+    brackets only the call: inputs are built before, errors computed after."""
     result = None
     for _ in range(warmup):
         result = fn()
     times: list[float] = []
-    while len(times) < max(1, repeats):
-        t0 = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - t0)
-        if len(times) >= min_repeats and sum(times) > max_seconds:
-            break
-    return Timing(statistics.median(times), tuple(times)), result
+    with LoadProbe() as probe:
+        while len(times) < max(1, repeats):
+            t0 = time.perf_counter()
+            result = fn()
+            times.append(time.perf_counter() - t0)
+            if len(times) >= min_repeats:
+                if sum(times) > max_seconds:
+                    break
+                if max_spread is not None and len(times) >= 3:
+                    med = statistics.median(times)
+                    if (med - min(times)) <= max_spread * min(times):
+                        break
+    return Timing(statistics.median(times), tuple(times), probe.foreign), result
 
 
 def harness_overhead(samples: int = 2000) -> float:

@@ -120,9 +120,16 @@ def targets(rows: list[dict], experiments: dict, suite) -> list[dict]:
     n3 = suite.triple_target_n
     r = ratio(_find(rows, spec="triple", backend="exact", n=n3, **base),
               _find(rows, spec="triple", backend="poly", n=n3, **base))
-    out.append(dict(workload=f"triple, n = {n3:,}, d = 8: poly vs exact", target="≥ 1,000× faster",
+    out.append(dict(workload=f"triple, n = {n3:,}, d = 8: poly vs exact", target="≥ 2,000× faster",
                     measured=_fmt_ratio(r) + est(_find(rows, spec="triple", backend="exact", n=n3, **base)),
-                    value=r, met=None if r is None else r >= 1000))
+                    value=r, met=None if r is None else r >= 2000))
+    for nc in sorted({r["n"] for r in rows if r["spec"] == "pairwise" and r["causal"]}):
+        c = _find(rows, spec="pairwise", backend="poly", n=nc, d=8, B=1.0, tol=1e-3, causal=True)
+        f = _find(rows, spec="pairwise", backend="poly", n=nc, **base)
+        r = ratio(c, f)
+        if r is not None:
+            out.append(dict(workload=f"pairwise, n = {nc:,}: causal poly vs non-causal poly", target="≤ 2×",
+                            measured=f"{r:.2f}×", value=r, met=r <= 2))
     if poly and favor and poly["max_error"]:
         r = favor["max_error"] / poly["max_error"]
         out.append(dict(workload=f"pairwise, n = {n:,}: poly vs FAVOR+ max error at equal rank "
@@ -204,7 +211,8 @@ def _cell_time(r: dict | None) -> str:
         return ""
     if r["status"] != "ok":
         return r["status"]
-    return ("~" if r["estimated"] else "") + _t(r["median_s"])
+    marks = ("*" if r.get("noisy") else "") + ("!" if r.get("non_monotone") else "")
+    return ("~" if r["estimated"] else "") + _t(r["median_s"]) + marks
 
 
 def _cell_err(r: dict | None) -> str:
@@ -241,7 +249,8 @@ def tables(rows: list[dict]) -> list[str]:
         lines.append(f"#### {title}\n")
         head = "| n | " + " | ".join(shown) + " | degree / rank (poly) |"
         sep = "|---:|" + "---:|" * len(shown) + "---:|"
-        lines += ["Median time per call (`~`: estimated from a fraction of the query rows):\n", head, sep]
+        lines += ["Median time per call (`~`: estimated from a fraction of the query rows; `*`: noisy, `!`: "
+                  "faster than at a smaller n; see Flags):\n", head, sep]
         for n in ns:
             p = by.get((n, "poly"))
             dr = f"{p['degree']} / {p['rank']:,}" if p and p["status"] == "ok" else ""
@@ -259,6 +268,31 @@ def tables(rows: list[dict]) -> list[str]:
             lines.append(f"\nn/a: {', '.join(na)} ({why}).")
         lines.append("")
     return lines
+
+
+def flags(rows: list[dict]) -> list[str]:
+    """The cases whose timing stayed unsteady after a rerun, and those measured faster than the
+    same backend at a smaller n."""
+    def share(r):
+        return "unknown" if r.get("foreign_load") is None else f"{100 * r['foreign_load']:.0f}%"
+
+    def name(r):
+        return f"{r['spec']}{' causal' if r['causal'] else ''} {r['backend']} n = {r['n']:,}"
+
+    noisy = [r for r in rows if r.get("noisy")]
+    falling = [r for r in rows if r.get("non_monotone")]
+    reruns = sum(1 for r in rows if r.get("rerun"))
+    lines = ["### Flags\n",
+             f"{reruns} case(s) were timed again after the sweep (unsteady, or faster than at a smaller n)."]
+    if not noisy and not falling:
+        return lines + ["No timing stayed noisy and every backend's time grows with n.", ""]
+    lines.append("")
+    for r in noisy:
+        lines.append(f"- noisy: {name(r)}: spread {100 * (r.get('spread') or 0):.0f}% (median over fastest), "
+                     f"other processes' CPU share {share(r)}")
+    for r in falling:
+        lines.append(f"- not monotone in n: {name(r)} ({_t(r['median_s'])}) is faster than at a smaller n")
+    return lines + [""]
 
 
 def _busy_note(results: dict) -> str | None:
@@ -296,7 +330,7 @@ def markdown(results: dict, image_prefix: str = "") -> str:
     for t in results["targets"]:
         met = "" if t["met"] is None else ("yes" if t["met"] else "**no**")
         lines.append(f"| {t['workload']} | {t['target']} | {t['measured']} | {met} |")
-    lines += ["", "## Results\n"] + tables(results["rows"])
+    lines += ["", "## Results\n"] + tables(results["rows"]) + flags(results["rows"])
     figs = results.get("figures", {})
     if figs:
         lines.append("## Figures\n")

@@ -117,6 +117,7 @@ def _row(case: Case, **fields) -> dict:
         status="ok", median_s=None, repeats=0, times_s=[], peak_mem_mib=None, peak_rss_mib=None,
         max_error=None, error_rows=0, error_bound=None, degree=None, rank=None, estimated=False,
         estimate_rows=None, measured_full_s=None, beta=None, B_eff=None, threshold=None, note="",
+        spread=None, foreign_load=None, rerun=False, noisy=False, non_monotone=False,
     )
     row.update(fields)
     # plain Python numbers, so rows compare and serialize like the JSON they become
@@ -160,11 +161,12 @@ def _measured(case: Case, inp: Inputs, suite: Suite, kwargs: dict) -> dict:
     fn = _call(inp, kwargs)
     with PeakMemory() as mem:
         timing, (out, info) = measure(fn, warmup=suite.warmup, repeats=suite.repeats,
-                                      min_repeats=suite.min_repeats, max_seconds=suite.max_case_seconds)
+                                      min_repeats=suite.min_repeats, max_seconds=suite.max_case_seconds,
+                                      max_spread=suite.max_spread)
     err, err_rows = _max_error(out, (0, case.n), inp, suite)
     return dict(info=info, median_s=timing.median, repeats=timing.repeats, times_s=list(timing.times),
                 peak_mem_mib=_mib(mem.peak_bytes), peak_rss_mib=_mib(mem.peak_rss_bytes), max_error=err,
-                error_rows=err_rows)
+                error_rows=err_rows, spread=timing.spread, foreign_load=timing.foreign_load)
 
 
 def _estimated(case: Case, inp: Inputs, suite: Suite, kwargs: dict, full_work: float, validate: bool) -> dict:
@@ -174,20 +176,24 @@ def _estimated(case: Case, inp: Inputs, suite: Suite, kwargs: dict, full_work: f
     r2 = min(n // 2, _rows_for(per_row, suite.estimate_work, n, 16))
     r1 = max(1, r2 // 4)
     spans = [(n - r, n) if case.causal else (0, r) for r in (r1, r2)]
-    seconds, works, times = [], [], []
+    seconds, works, times, spreads, loads = [], [], [], [], []
     with PeakMemory() as mem:
-        for i, span in enumerate(spans):
+        for span in spans:
             fn = _call(inp, kwargs, span)
-            timing, (out, info) = measure(fn, warmup=suite.warmup if i == 0 else 0, repeats=suite.repeats,
-                                          min_repeats=suite.min_repeats, max_seconds=suite.max_case_seconds)
+            timing, (out, info) = measure(fn, warmup=suite.warmup, repeats=suite.repeats,
+                                          min_repeats=suite.min_repeats, max_seconds=suite.max_case_seconds,
+                                          max_spread=suite.max_spread)
             seconds.append(timing.median)
             times.extend(timing.times)
+            spreads.append(timing.spread)
+            loads.append(timing.foreign_load)
             works.append(visible_tuples(n, n, order, case.causal, q_offset=span[0], rows=span[1] - span[0]))
     est = AffineEstimate((r1, r2), tuple(works), tuple(seconds), full_work)
     err, err_rows = _max_error(out, spans[1], inp, suite)
     fields = dict(info=info, median_s=est.seconds_full, repeats=len(times), times_s=times,
                   peak_mem_mib=_mib(mem.peak_bytes), peak_rss_mib=_mib(mem.peak_rss_bytes), max_error=err,
-                  error_rows=err_rows, estimated=True, estimate_rows=[r1, r2],
+                  error_rows=err_rows, estimated=True, estimate_rows=[r1, r2], spread=max(spreads),
+                  foreign_load=None if None in loads else max(loads),
                   note=f"estimated from query rows {r1} and {r2} of {n} ({est.method} in visited key tuples)")
     if validate:
         full = _measured(case, inp, suite, kwargs)
@@ -200,8 +206,64 @@ def _mib(x: int | None) -> float | None:
     return None if x is None else x / 2**20
 
 
+def _unsteady(row: dict, suite: Suite) -> bool:
+    """Timed under load from other processes, or with a spread past the suite's limit."""
+    if row["status"] != "ok":
+        return False
+    loaded = row.get("foreign_load") is not None and row["foreign_load"] > suite.load_limit
+    return loaded or (row.get("spread") or 0.0) > suite.max_spread
+
+
+def non_monotone(rows: list[dict], slack: float = 0.8) -> set[int]:
+    """Indices of rows whose time is below ``slack`` times the time of the same backend and
+    settings at a smaller n (more work measured as faster: noise, or a warm-up effect)."""
+    groups: dict[tuple, list[int]] = {}
+    for i, r in enumerate(rows):
+        if r["status"] == "ok" and r["median_s"] is not None:
+            groups.setdefault((r["spec"], r["backend"], r["d"], r["B"], r["tol"], r["causal"]), []).append(i)
+    bad = set()
+    for idx in groups.values():
+        idx.sort(key=lambda i: rows[i]["n"])
+        slowest = 0.0
+        for i in idx:
+            if rows[i]["median_s"] < slack * slowest:
+                bad.add(i)
+            slowest = max(slowest, rows[i]["median_s"])
+    return bad
+
+
+def _rerun(rows: list[dict], suite: Suite, which: list[int], progress=None) -> None:
+    """Time the given cases again (after the sweep, when the load may have passed) and keep the
+    steadier measurement; a case that stays unsteady is flagged ``noisy``."""
+    budget = time.perf_counter() + suite.rerun_seconds
+    cases = {i: Case(rows[i]["spec"], rows[i]["backend"], rows[i]["n"], rows[i]["d"], rows[i]["B"], rows[i]["tol"],
+                     rows[i]["causal"]) for i in which}
+    order = sorted(which, key=lambda i: cases[i].input_key)
+    inp = None
+    it = progress(order, desc="rerun", unit="case") if progress else order
+    for i in it:
+        if time.perf_counter() > budget:
+            break
+        case = cases[i]
+        if inp is None or inp.case.input_key != case.input_key:
+            inp = None
+            inp = make_inputs(case)
+        new = run_case(case, inp, suite)
+        old = rows[i]
+        new["load1"] = old.get("load1")
+        new["case_wall_s"] = old.get("case_wall_s")
+        if new["status"] == "ok" and (_unsteady(old, suite) or not _unsteady(new, suite)):
+            keep_new = (new.get("foreign_load") or 0.0) <= (old.get("foreign_load") or 0.0) or not _unsteady(new, suite)
+            if keep_new:
+                new["rerun"] = True
+                rows[i] = new
+                continue
+        old["rerun"] = True
+
+
 def run_sweep(suite: Suite, progress=None) -> list[dict]:
-    """Run every case; ``progress`` wraps an iterable (tqdm) or is None."""
+    """Run every case, then rerun the unsteady ones and those whose time falls as n grows, and
+    flag what stays so (``noisy``, ``non_monotone``); ``progress`` wraps an iterable (tqdm) or is None."""
     order = {}
     for case in suite.cases:  # group cases that share inputs, keeping the suite's order otherwise
         order.setdefault(case.input_key, []).append(case)
@@ -225,4 +287,12 @@ def run_sweep(suite: Suite, progress=None) -> list[dict]:
         if row["measured_full_s"] is not None:
             validated.add(vkey)
         rows.append(row)
+    inp = None
+    suspects = sorted({i for i, r in enumerate(rows) if _unsteady(r, suite)} | non_monotone(rows))
+    if suspects and suite.rerun_seconds > 0:
+        _rerun(rows, suite, suspects, progress)
+    for r in rows:
+        r["noisy"] = _unsteady(r, suite)
+    for i in non_monotone(rows):
+        rows[i]["non_monotone"] = True
     return rows

@@ -48,6 +48,12 @@ class Suite:
     repeats: int = 7
     min_repeats: int = 3
     max_case_seconds: float = 1.5
+    #: timed calls continue (up to ``repeats``) until (median - fastest) / fastest is at most this
+    max_spread: float = 0.1
+    #: a case timed while other processes used more than this share of the CPU is rerun
+    load_limit: float = 0.25
+    #: wall-time budget for rerunning unsteady and non-monotone cases after the sweep
+    rerun_seconds: float = 30.0
     #: quadratic backends run on all rows while they visit at most this many key tuples
     quadratic_work_cap: float = 2.0**30
     #: past it, the larger of the two timed row blocks visits about this many key tuples
@@ -110,7 +116,7 @@ def full_suite() -> Suite:
         + _grid("relative", (1024, 4096))
     )
     return Suite(
-        "full", tuple(cases), repeats=5, min_repeats=3, max_case_seconds=10.0,
+        "full", tuple(cases), repeats=5, min_repeats=3, max_case_seconds=10.0, rerun_seconds=120.0,
         quadratic_work_cap=2.0**31, estimate_work=2.0**29, error_work_cap=2.0**26, validate_estimates=True,
         rank_n=4096, rank_degrees=(1, 2, 3, 4, 5, 6, 7), favor_seeds=(0, 1, 2, 3, 4),
         plan_points=60, fixed_sizes=((2, 4096, 8), (3, 512, 8)), needle_ns=(256, 1024, 4096, 16384),
@@ -123,7 +129,8 @@ def micro_suite() -> Suite:
     cases = _grid("pairwise", (64, 128)) + _grid("triple", (32,), ("poly", "exact", "favor"))
     return Suite(
         "micro", tuple(cases), parts=tuple(p for p in PARTS if p != "rss"),
-        warmup=0, repeats=1, min_repeats=1, max_case_seconds=0.5, quadratic_work_cap=2.0**12, estimate_work=2.0**10,
+        warmup=0, repeats=1, min_repeats=1, max_case_seconds=0.5, rerun_seconds=2.0,
+        quadratic_work_cap=2.0**12, estimate_work=2.0**10,
         error_work_cap=2.0**14, rank_n=128, rank_degrees=(1, 2, 3), favor_seeds=(0,), plan_ns=(2**10,),
         plan_points=6, fixed_sizes=((2, 64, 4), (3, 24, 4)), fixed_ratios=(0.5, 1.0, 1.5),
         needle_ns=(64,), needle_queries=16, needle_points=6, grad_ns=(64,), target_n=128, triple_target_n=32,

@@ -11,7 +11,7 @@ import torch
 
 from ..inputs import Operands, term_operands
 from ..request import Problem, Request, TermStats
-from .relative import relative_support
+from .relative import max_spectral_norm, relative_support
 
 
 def threshold(order: int, n: int) -> float:
@@ -81,13 +81,13 @@ def operand_maxima(ops: Operands) -> OperandMaxima:
                     linf.append(0.0)
                     continue
                 flat = t.detach().reshape(Z, t.shape[1], -1)
-                top = float(flat.abs().max())
+                top = float(torch.linalg.vector_norm(flat, ord=math.inf))  # max |entry|, one pass
                 l2.append(_max_row_norm(flat, top) * _missing_factor(feats, term.contracted, ops.sizes))
                 linf.append(top)
         wnorm = 1.0
         if ops.rel is not None and ops.rel.numel():
-            wnorm = float(torch.linalg.matrix_norm(ops.rel.detach(), ord=2).max())
-        vals = [float(v.detach().abs().max()) if v.numel() else 0.0 for v in ops.values]
+            wnorm = max_spectral_norm(ops.rel)
+        vals = [float(torch.linalg.vector_norm(v.detach(), ord=math.inf)) if v.numel() else 0.0 for v in ops.values]
     return OperandMaxima(tuple(l2), tuple(linf), tuple(vals), wnorm)
 
 
@@ -140,14 +140,18 @@ def problem_for(ops: Operands, request: Request, *, maxima: OperandMaxima | None
                 ms: tuple[int, ...] | None = None) -> Problem:
     """The Problem of a call on ``ops``. A sequence-parallel caller passes the global ``maxima``,
     ``n`` and ``ms``, so that every shard plans the whole sequence and picks the same degree."""
-    stats = input_stats(ops, maxima)
+    own = operand_maxima(ops) if maxima is None else None
+    stats = input_stats(ops, maxima if own is None else own)
+    support = None
+    if ops.rel is not None:  # this call's own W: its norm is in ``own`` (the same float64 SVD)
+        support = relative_support(ops.rel, ops.D, wnorm=own.wnorm if own is not None else None)
     need_grad = request.need_grad if request.need_grad is not None else ops.tracks_grad
     return Problem(
         spec=ops.spec, n=ops.n if n is None else n, ms=ops.ms if ms is None else ms, D=ops.D,
         value_dims=tuple(math.prod(v.shape[2:]) for v in ops.values), E=math.prod(ops.out_value_shape),
         beta=stats.beta, B=stats.B, scale=ops.scale, Z=ops.q.shape[0], causal=ops.causal, vmax=stats.vmax,
         dtype="float64" if ops.dtype == torch.float64 else "float32", need_grad=need_grad,
-        q_offset=ops.q_offset, relative=relative_support(ops.rel, ops.D) if ops.rel is not None else None,
+        q_offset=ops.q_offset, relative=support,
         alibi_slope=ops.alibi_slope, terms=stats.terms, value_shapes=tuple(tuple(v.shape[2:]) for v in ops.values),
         key_mask=ops.key_mask, attn_mask=ops.attn_mask is not None, out_dtype=ops.out_dtype_name,
         linf=tuple(stats.linf), value_linf=tuple(stats.value_linf),

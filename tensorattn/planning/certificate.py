@@ -4,7 +4,8 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Sequence
 
 import numpy as np
@@ -36,20 +37,74 @@ FLOAT32_MAX_BETA = 4.0
 
 @dataclass(frozen=True)
 class Certificate:
+    """The certified output error of one polynomial at one score radius. The gradient parts
+    (``derivative_error``, ``derivative_roundoff``, ``grad_factor``) are computed on first use from
+    the approximant and beta they belong to: a call that takes no gradient and asks for no
+    gradient bound never pays for them."""
+
     degree: int
     rank: int
     approx_error: float  # certified relative error of the weights (exact arithmetic)
     roundoff: float  # floating-point estimate for the feature dtype (relative)
     output_error: float  # output_error(approx + roundoff): bound on max|out - exact| / vmax
-    grad_factor: float  # eta of docs/torch.md (G3): relative error of the score gradients
     feature_dtype: str
-    derivative_error: float = 0.0  # certified relative error of P' (exact arithmetic)
-    derivative_roundoff: float = 0.0  # floating-point estimate for P' in the feature dtype
+    #: the approximant and score radius the certificate is for (the gradient parts need them)
+    approximant: Approximant | None = field(default=None, compare=False, repr=False)
+    beta: float = 0.0
+    #: the sizes the roundoff estimate is for: expanded feature size, keys per slot, order
+    D: int = field(default=0, compare=False, repr=False)
+    m: int = field(default=0, compare=False, repr=False)
+    order: int = field(default=2, compare=False, repr=False)
 
     @property
     def weight_error(self) -> float:
         """eps: relative error of every surrogate weight P(s) against e^s (approximation + roundoff)."""
         return self.approx_error + self.roundoff
+
+    @cached_property
+    def derivative_error(self) -> float:
+        """Certified relative error of P' (exact arithmetic)."""
+        if self.approximant is None:
+            return math.inf
+        try:
+            return self.approximant.derivative_error(self.beta, self.degree)
+        except NotImplementedError:  # pragma: no cover
+            return math.inf
+
+    @cached_property
+    def derivative_roundoff(self) -> float:
+        """Floating-point estimate for P' in the feature dtype: the backward sums the same r
+        monomials and m tokens, with P' in place of P."""
+        if self.approximant is None:
+            return math.inf
+        a = self.approximant
+        return self.roundoff * a.abs_sum_derivative(self.beta, self.degree) / max(a.abs_sum(self.beta, self.degree),
+                                                                                  1e-300)
+
+    @cached_property
+    def direct_roundoff(self) -> float:
+        """Roundoff estimate when each weight P(s) is evaluated from its score (Horner) instead of
+        from the features: the score's dot product of D (times k-1) terms errs by at most
+        (D + k - 1) u beta, which moves P by max|P'| times that; Horner adds 2g u P_abs; the sums over
+        the m tokens are estimated as in ``roundoff_estimate``. The backend evaluates P this way (the
+        direct form, the causal diagonal blocks) only where this is at most ``roundoff``
+        (docs/design.md#the-direct-form), so the certificate covers both."""
+        a, b, g, k = self.approximant, self.beta, self.degree, self.order
+        if a is None:
+            return math.inf
+        u = UNIT_ROUNDOFF[self.feature_dtype]
+        mag = (2 * g + 4 * math.sqrt(self.m)) * a.abs_sum(b, g) + (self.D + k - 1) * b * a.abs_sum_derivative(b, g)
+        return u * mag * math.exp(b) * max(1, k - 1)
+
+    @property
+    def direct_ok(self) -> bool:
+        """Whether evaluating P from the scores stays within this certificate's roundoff."""
+        return self.direct_roundoff <= self.roundoff
+
+    @cached_property
+    def grad_factor(self) -> float:
+        """eta of docs/torch.md (G3): relative error of the score gradients."""
+        return gradient_factor(self.weight_error, self.derivative_error + self.derivative_roundoff)
 
 
 def roundoff_estimate(approx: Approximant, beta: float, g: int, rank: int, m: int, order: int, dtype: str) -> float:
@@ -80,14 +135,7 @@ def certify(approx: Approximant, beta: float, g: int, D: int, m: int, order: int
     r = rank_for(D, g)
     eps = approx.certified_error(beta, g)
     rnd = roundoff_estimate(approx, beta, g, r, m, order, dtype)
-    out = output_error(eps + rnd)
-    try:
-        deps = approx.derivative_error(beta, g)
-    except NotImplementedError:  # pragma: no cover
-        deps = math.inf
-    # the backward sums the same r monomials and m tokens, with P' in place of P
-    drnd = rnd * approx.abs_sum_derivative(beta, g) / max(approx.abs_sum(beta, g), 1e-300)
-    return Certificate(g, r, eps, rnd, out, gradient_factor(eps + rnd, deps + drnd), dtype, deps, drnd)
+    return Certificate(g, r, eps, rnd, output_error(eps + rnd), dtype, approx, float(beta), D, m, order)
 
 
 def choose_certificate(
@@ -114,11 +162,10 @@ def choose_certificate(
         if output_error(approx.truncation_error(beta, g)) > tol:
             continue  # the truncation alone is too large: skip the costlier parts of the bound
         dtype = feature_dtype or input_dtype
-        if feature_dtype is None and dtype == "float32":
-            c32 = certify(approx, beta, g, D, m, order, "float32")
-            if beta > FLOAT32_MAX_BETA or c32.roundoff > tol / 2 or (need_grad and c32.derivative_roundoff > tol / 8):
-                dtype = "float64"
         cert = certify(approx, beta, g, D, m, order, dtype)
+        if feature_dtype is None and dtype == "float32":
+            if beta > FLOAT32_MAX_BETA or cert.roundoff > tol / 2 or (need_grad and cert.derivative_roundoff > tol / 8):
+                cert = certify(approx, beta, g, D, m, order, "float64")
         ok = cert.output_error <= tol and (not need_grad or cert.grad_factor <= tol)
         if ok:
             return cert

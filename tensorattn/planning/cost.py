@@ -18,6 +18,12 @@ def exact_key_blocks(ms: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(max(1, min(m, side)) for m in ms)
 
 
+#: time per counted flop of poly's direct form relative to its factorized form (the score GEMM has
+#: inner size D and Horner is elementwise, against the factorized form's feature-GEMMs); the plan
+#: picks the direct form when it is cheaper by this measure (benchmarks/speed_targets.py)
+DIRECT_OVERHEAD = 0.75
+
+
 def exact_flops(Z: int, n: int, ms: tuple[int, ...], D: int, E: int, causal: bool) -> int:
     k = len(ms) + 1
     tuples = n * math.prod(ms)
@@ -34,6 +40,11 @@ def poly_flops(Z: int, n: int, ms: tuple[int, ...], r: int, E: int, value_dims: 
     queries = 2 * n * r * (E + 1)
     prefix = sum(m * r * (e + 1) for m, e in zip(ms, value_dims)) if causal else 0
     return Z * (features + stats + combine + queries + prefix)
+
+
+def direct_flops(Z: int, n: int, m: int, D: int, E: int, g: int) -> int:
+    """Poly's direct form: scores (2D), Horner (2g) and the value GEMM (2(E+1)) per (query, key)."""
+    return Z * n * m * (2 * D + 2 * g + 2 * (E + 1))
 
 
 def polynomial_exact_flops(spec, Z: int, n: int, ms: tuple[int, ...], term_dims: tuple[int, ...], E: int,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections import OrderedDict
 from dataclasses import dataclass, replace
 from typing import Any, Mapping
 
@@ -37,7 +38,7 @@ from .certificate import (
     numeric_range,
     rotation_error,
 )
-from .cost import POLY_OVERHEAD, exact_flops, poly_flops, polynomial_exact_flops
+from .cost import DIRECT_OVERHEAD, POLY_OVERHEAD, direct_flops, exact_flops, poly_flops, polynomial_exact_flops
 from .network import Network, build_networks, method_flops, poly_methods
 from .relative import (
     RELATIVE_OVERHEAD,
@@ -87,6 +88,10 @@ class Plan:
     #: an attention polynomial's per-term thresholds, and the term whose B / tau decides the verdict
     term_thresholds: tuple[float, ...] = ()
     deciding_term: int | None = None
+    #: how the pairwise-shaped factorized engine evaluates P: "factorized" (feature maps, O(n r e))
+    #: or "direct" (P from the scores, O(n m (D + g + e)), cheaper for short sequences;
+    #: docs/design.md#the-direct-form); None where neither applies
+    poly_form: str | None = None
 
     # --- the problem and request, for reading convenience
     @property
@@ -271,6 +276,8 @@ class Plan:
             ]
             if self.relative is not None:
                 lines.append(f"  Toeplitz terms:     {self.relative.describe()}")
+            if self.poly_form == "direct":
+                lines.append("  Form:               direct (P from the scores: cheaper than features at this size)")
         elif self.request.backend in (AUTO, "poly"):
             lines.append(f"  Polynomial:         none certifies tol {self.tol:.1e} within max_degree "
                          f"{self.request.max_degree}")
@@ -324,6 +331,13 @@ def _rel_folded(problem: Problem) -> bool:
     rel = problem.relative
     return (problem.spec.positional == "relative" and rel is not None and rel.constant and not problem.alibi_slope
             and not problem.need_grad)
+
+
+def _direct_applies(problem: Problem) -> bool:
+    """The direct form serves non-causal order-2 calls whose value einsum passes values through."""
+    ve = problem.spec.value_einsum
+    return (problem.order == 2 and not problem.causal and problem.q_offset == 0
+            and tuple(ve.value_letters) == (ve.out_letters,))
 
 
 def _poly_certificate(problem: Problem, request: Request) -> tuple[Any, Any, str]:
@@ -405,7 +419,7 @@ def _decide(problem: Problem, request: Request, registry: dict[str, Backend]) ->
     folded = _rel_folded(problem)
     rel_terms = extra if spec.positional == "relative" and not folded else None
     networks = extra if spec.is_polynomial else None
-    method = None
+    method = form = None
     if spec.is_polynomial:
         flops_e = polynomial_exact_flops(spec, problem.Z, problem.n, problem.ms,
                                          tuple(t.D for t in problem.terms), problem.E, problem.causal)
@@ -428,9 +442,16 @@ def _decide(problem: Problem, request: Request, registry: dict[str, Backend]) ->
         flops_p = (poly_flops(problem.Z, problem.n, problem.ms, cert.rank, problem.E, list(problem.value_dims),
                               problem.causal) if cert else None)
         overhead = POLY_OVERHEAD
+        if cert is not None:
+            form = "factorized"
+            if _direct_applies(problem) and cert.direct_ok:
+                flops_d = direct_flops(problem.Z, problem.n, problem.ms[0], problem.D, problem.E, cert.degree)
+                if flops_d * DIRECT_OVERHEAD < flops_p:
+                    form, flops_p = "direct", flops_d
     base = dict(problem=problem, request=request, threshold=tau, passed=passed, certificate=cert,
                 flops_exact=flops_e, flops_poly=flops_p, relative=rel_terms, networks=networks,
-                term_thresholds=term_taus, deciding_term=deciding, rel_folded=folded, poly_method=method)
+                term_thresholds=term_taus, deciding_term=deciding, rel_folded=folded, poly_method=method,
+                poly_form=form)
     backend = request.backend
 
     if backend == AUTO:
@@ -487,11 +508,39 @@ def _decide(problem: Problem, request: Request, registry: dict[str, Backend]) ->
     return plan
 
 
+#: plans of recent calls, by (Problem, Request, registry): a Problem holds every number a plan is
+#: computed from (sizes, beta, B, vmax, dtype ...), so a hit is the plan make_plan would return
+_PLANS: OrderedDict = OrderedDict()
+PLAN_CACHE_SIZE = 256
+
+
+def cached_plan(problem: Problem, request: Request) -> Plan:
+    """``make_plan(problem, request)``, reused when the same problem comes again (a model called on
+    the same batch, a benchmark loop). Calls that warn (on_unbounded='fallback') are not cached, so
+    every such call warns."""
+    if request.on_unbounded == "fallback":
+        return make_plan(problem, request)
+    registry = registered()
+    try:
+        key = (problem, request, tuple(registry.items()))
+        plan = _PLANS.get(key)
+    except TypeError:  # an unhashable spec option
+        return make_plan(problem, request)
+    if plan is None:
+        plan = make_plan(problem, request)
+        _PLANS[key] = plan
+        if len(_PLANS) > PLAN_CACHE_SIZE:
+            _PLANS.popitem(last=False)
+    else:
+        _PLANS.move_to_end(key)
+    return plan
+
+
 def plan_for(ops: Operands, request: Request, *, maxima: OperandMaxima | None = None, n: int | None = None,
              ms: tuple[int, ...] | None = None) -> Plan:
     """The plan for validated operands. A sequence-parallel caller passes the global operand
     ``maxima`` and sizes ``n``, ``ms``, so that every shard plans the whole sequence."""
-    return make_plan(problem_for(ops, request, maxima=maxima, n=n, ms=ms), request)
+    return cached_plan(problem_for(ops, request, maxima=maxima, n=n, ms=ms), request)
 
 
 def _powers_of_two(maxima: tuple[float, ...]) -> tuple[float, ...]:

@@ -98,8 +98,14 @@ class RelativeSupport:
         return len(self.pairs)
 
 
-def relative_support(W: Any, d: int) -> RelativeSupport:
-    """Support and norms of W, shape (L, d, d) (numpy or torch)."""
+def max_spectral_norm(W: torch.Tensor) -> float:
+    """max over offsets of ||W_t||_2, computed in float64 (one batched SVD over all L offsets)."""
+    return float(torch.linalg.matrix_norm(W.detach().to(torch.float64), ord=2).max()) if W.shape[0] else 0.0
+
+
+def relative_support(W: Any, d: int, wnorm: float | None = None) -> RelativeSupport:
+    """Support and norms of W, shape (L, d, d) (numpy or torch); ``wnorm``: max_t ||W_t||_2 when
+    the caller has it already (``max_spectral_norm``), so the batched SVD runs once per call."""
     Wt = W.detach() if isinstance(W, torch.Tensor) else torch.as_tensor(np.asarray(W))
     if Wt.ndim != 3 or tuple(Wt.shape[1:]) != (d, d):
         raise InputError(f"rel (W) has shape {tuple(Wt.shape)} but expected (L, {d}, {d}), L = q_offset+n+m-1")
@@ -108,7 +114,7 @@ def relative_support(W: Any, d: int) -> RelativeSupport:
         return RelativeSupport(d, (), 0.0, 0.0, 0.0)
     M = Wt.abs().amax(dim=0)
     a, b = torch.nonzero(M, as_tuple=True)
-    wnorm = float(torch.linalg.matrix_norm(Wt, ord=2).max())
+    wnorm = max_spectral_norm(Wt) if wnorm is None else float(wnorm)
     return RelativeSupport(
         d, tuple(zip(a.tolist(), b.tolist())), float(M.sum()), float(torch.linalg.matrix_norm(M, ord=2)), wnorm,
         constant=bool((Wt == Wt[:1]).all()),
