@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import gc
+import math
 import os
 import re
 import statistics
@@ -114,6 +115,31 @@ def best_of(fn: Callable[[], object], repeats: int) -> tuple[float, object]:
         result = fn()
         best = min(best, time.perf_counter() - t0)
     return best, result
+
+
+def interleaved(fns: dict[str, Callable[[], object]], rounds: int, *, warmup: int = 1,
+                max_seconds: float = math.inf, min_rounds: int = 2) -> tuple[dict[str, Timing], dict[str, object]]:
+    """Time several calls round-robin: every round calls each of ``fns`` once, so slow phases of a
+    shared machine's load hit them alike and their ratio is steadier than from back-to-back blocks.
+    ``warmup`` untimed rounds first; fewer than ``rounds`` timed rounds (at least ``min_rounds``) once
+    the timed calls pass ``max_seconds``. Returns per name the Timing (median; ``min(times)`` is the
+    best of) and the last result."""
+    results: dict[str, object] = {}
+    for _ in range(warmup):
+        for name, fn in fns.items():
+            results[name] = fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    spent = 0.0
+    for r in range(max(1, rounds)):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            results[name] = fn()
+            dt = time.perf_counter() - t0
+            times[name].append(dt)
+            spent += dt
+        if r + 1 >= min_rounds and spent > max_seconds:
+            break
+    return {name: Timing(statistics.median(ts), tuple(ts)) for name, ts in times.items()}, results
 
 
 def _release_free_memory() -> None:
