@@ -75,10 +75,11 @@ def attend(spec: Spec, q: Any, k: Any, v: Any, request: Request, spec_options: M
            *, return_info: bool = False):
     """``attention`` for a resolved spec and a validated Request (the nn modules call this)."""
     ops = prepare(spec, q, k, v, request, dict(spec_options or {}))
-    plan = plan_for(ops, request)
+    maxima = operand_maxima(ops)  # the bounds and the gradient certificate share one pass over the inputs
+    plan = plan_for(ops, request, maxima=maxima)
     result = ops.restore(run_plan(plan, ops))
     if return_info:
-        return result, AttentionInfo.from_plan(plan, certify_gradients(plan, ops, operand_maxima(ops)))
+        return result, AttentionInfo.from_plan(plan, certify_gradients(plan, ops, maxima))
     return result
 
 

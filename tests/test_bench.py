@@ -138,6 +138,9 @@ def test_interleaved_calls_round_robin():
     timings, last = interleaved(fns, rounds=3, warmup=1)
     assert calls == ["a", "b"] * 4 and last == {"a": 7, "b": 8}
     assert all(t.repeats == 3 and t.median == sorted(t.times)[1] for t in timings.values())
+    assert all(len(t.cpu_times) == 3 and 0 <= t.cpu_median for t in timings.values())
+    spin, _ = interleaved({"spin": lambda: sum(range(200_000))}, rounds=2, warmup=0)
+    assert spin["spin"].cpu_median > 0 and min(spin["spin"].cpu_times) <= max(spin["spin"].times) * 1.05
     calls.clear()
     timings, _ = interleaved(fns, rounds=5, warmup=0, max_seconds=0.0, min_rounds=2)
     assert calls == ["a", "b"] * 2 and timings["a"].repeats == 2

@@ -56,6 +56,13 @@ def single_thread():
 class Timing:
     median: float
     times: tuple[float, ...]
+    #: processor time of the calling thread per call (``interleaved`` records it): on a shared
+    #: machine, close to the call's time alone on one core when torch runs single-threaded
+    cpu_times: tuple[float, ...] = ()
+
+    @property
+    def cpu_median(self) -> float | None:
+        return statistics.median(self.cpu_times) if self.cpu_times else None
 
     @property
     def repeats(self) -> int:
@@ -123,23 +130,25 @@ def interleaved(fns: dict[str, Callable[[], object]], rounds: int, *, warmup: in
     shared machine's load hit them alike and their ratio is steadier than from back-to-back blocks.
     ``warmup`` untimed rounds first; fewer than ``rounds`` timed rounds (at least ``min_rounds``) once
     the timed calls pass ``max_seconds``. Returns per name the Timing (median; ``min(times)`` is the
-    best of) and the last result."""
+    best of; ``cpu_times`` the calling thread's processor time per call) and the last result."""
     results: dict[str, object] = {}
     for _ in range(warmup):
         for name, fn in fns.items():
             results[name] = fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
+    cpu: dict[str, list[float]] = {name: [] for name in fns}
     spent = 0.0
     for r in range(max(1, rounds)):
         for name, fn in fns.items():
-            t0 = time.perf_counter()
+            c0, t0 = time.thread_time(), time.perf_counter()
             results[name] = fn()
             dt = time.perf_counter() - t0
+            cpu[name].append(time.thread_time() - c0)
             times[name].append(dt)
             spent += dt
         if r + 1 >= min_rounds and spent > max_seconds:
             break
-    return {name: Timing(statistics.median(ts), tuple(ts)) for name, ts in times.items()}, results
+    return {name: Timing(statistics.median(ts), tuple(ts), tuple(cpu[name])) for name, ts in times.items()}, results
 
 
 def _release_free_memory() -> None:
