@@ -224,7 +224,8 @@ def section(res: dict) -> str:
             f"{r['error_exact']:.1e} / {r['error_poly']:.1e} ({r['poly_bound']:.1e}) / {r['error_theirs']:.1e} |")
     if res.get("overflow"):
         lines += ["", "Large scores, float32, n = 16, d = 8 (errors against our float64 exact):\n",
-                  "| inputs | max |score| | strassen_attend: NaN outputs | its error elsewhere | ours: finite, error |",
+                  "| inputs | max abs score | strassen_attend: NaN outputs | its error elsewhere "
+                  "| ours: finite, error |",
                   "|---|---:|---:|---:|---|"]
         for r in res["overflow"]:
             te = "–" if r["theirs_error"] is None else f"{r['theirs_error']:.1e}"
@@ -237,11 +238,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small sizes only")
     ap.add_argument("--out", type=Path, default=HERE / "latest_peers")
+    ap.add_argument("--from-results", action="store_true", help="rewrite section.md from --out's results.json")
     ap.add_argument("--child", nargs=4, metavar=("SPEC", "IMPL", "N", "D"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         spec, impl, n, d = args.child
         print(json.dumps(child(spec, impl, int(n), int(d))))
+        return
+    if args.from_results:
+        (args.out / "section.md").write_text(section(json.loads((args.out / "results.json").read_text())))
         return
     missing = [name for name, ver in peer_versions().items() if ver is None]
     if missing:

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 import tensorattn as ta
-from tensorattn.bench.experiments import term_phase_plans
+from tensorattn.bench.experiments import profile_poly, term_phase_plans
 from tensorattn.bench.measure import PeakMemory, interleaved, load_average
 from tensorattn.bench.measure import process_peak_rss_mib as peak_rss_mib
 from tensorattn.bench.plots import term_phase
@@ -56,6 +56,7 @@ QUICK = dict(
 )
 #: the headline checks: (name, target, value that meets it)
 TARGETS = dict(tree_rss=300.0, tree_doubling=4.6, naive=10.0, strassen_poly=100.0, tree_poly=20.0)
+PARTS = ("scaling", "checks", "phase", "profile")
 HEADLINE = dict(tree16=(4096, 8192), naive_n=512, strassen_check=(2048, 4), tree_check=(16384, 8))
 
 
@@ -290,6 +291,21 @@ def phase(out: Path, quick: bool) -> dict:
     return res
 
 
+# ---- where poly's time goes ---------------------------------------------------------------------------
+
+def profiles(cfg: dict, log) -> list[dict]:
+    """One poly call at each headline size under torch.profiler (one thread): the time in the
+    feature maps (aten::mul), in GEMMs, and outside torch ops."""
+    out = []
+    for key, spec in (("strassen_check", "strassen"), ("tree_check", "tree")):
+        n, d = cfg[key]
+        prof = profile_poly(spec, n, d, TOL)
+        out.append(prof)
+        log(f"profile {spec} n={n} d={d}: wall {prof['wall_s'] * 1e3:.0f} ms, features (mul) "
+            f"{prof['mul_s'] * 1e3:.0f} ms, GEMMs {prof['gemm_s'] * 1e3:.0f} ms")
+    return out
+
+
 # ---- plots and the README section ------------------------------------------------------------------
 
 def _plt():
@@ -340,6 +356,8 @@ def section(res: dict, out: Path) -> str:
     la = [x for x in res["loads"] if x is not None]
     lines = [
         f"Command: `{res['command']}`  ",
+        *(f"then `{u['command']}` ({u['date']}; {u.get('wall_s', 0) / 60:.0f} min, commit "
+          f"{u['environment']['commit']})  " for u in res.get("updates", [])),
         f"Date: {res['date']}; wall time {res['wall_s'] / 60:.0f} min; commit {env['commit']}; torch {env['torch']}, "
         f"{env['cpu']}, {env['cores']} cores, **1 torch thread**.  ",
         f"Machine load: the 1-minute load average ranged {min(la):.1f}–{max(la):.1f} on {env['cores']} cores during "
@@ -370,6 +388,16 @@ def section(res: dict, out: Path) -> str:
                 f"{r['error_bound']:.1e} | {r['method']}, {degs} / {ranks} | {_mib(r['exact_peak_growth_mib'])} | "
                 f"{_mib(r['poly_peak_growth_mib'])} |")
         lines += ["", f"![time against n]({rel}/time_vs_n.png)\n", f"![memory against n]({rel}/memory_vs_n.png)\n"]
+    if res.get("profiles"):
+        lines += ["Where a poly call spends its time (torch.profiler, one thread, self CPU time per op):\n"]
+        for p in res["profiles"]:
+            ops = ", ".join(f"{o['op']} {o['seconds'] * 1e3:.1f} ms ({o['calls']})" for o in p["top_ops"][:5])
+            lines.append(f"- `{p['spec']}`, n = {p['n']:,}, d = {p['d']} (degree {p['degree']}, rank {p['rank']:,}): "
+                         f"{p['wall_s'] * 1e3:.0f} ms profiled ({p['unprofiled_s'] * 1e3:.0f} ms without the "
+                         f"profiler); building the feature maps (aten::mul) {p['mul_s'] * 1e3:.0f} ms, GEMMs "
+                         f"{p['gemm_s'] * 1e3:.0f} ms ({p['gemm_calls']} calls), outside torch ops "
+                         f"{p['outside_ops_s'] * 1e3:.0f} ms. Top ops: {ops}.")
+        lines.append("")
     for spec, plans in res.get("phase", {}).items():
         lines += [f"![phase transition, {spec}]({rel}/phase_{spec}.png)\n", f"*{plans['caption']}*\n"]
     return "\n".join(lines) + "\n"
@@ -386,14 +414,20 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small sizes (a smoke test; targets are judged only at "
                                                          "the headline sizes)")
-    parts = ["scaling", "checks", "phase"]
-    ap.add_argument("--parts", nargs="+", default=parts, choices=parts)
+    ap.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS)
+    ap.add_argument("--update", action="store_true",
+                    help="keep the other parts of --out's results.json and replace only these")
     ap.add_argument("--out", type=Path, default=HERE / "latest_poly")
+    ap.add_argument("--from-results", action="store_true", help="rewrite section.md from --out's results.json")
     ap.add_argument("--child", nargs=4, metavar=("SPEC", "BACKEND", "N", "D"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         spec, backend, n, d = args.child
         print(json.dumps(child(spec, backend, int(n), int(d))))
+        return
+    if args.from_results:
+        out = args.out.resolve()
+        (out / "section.md").write_text(section(json.loads((out / "results.json").read_text()), out))
         return
     torch.set_num_threads(1)
     cfg = QUICK if args.quick else FULL
@@ -407,10 +441,17 @@ def main() -> None:
         print(msg, flush=True)
 
     flag = " --quick" if args.quick else ""
-    parts = "" if args.parts == ["scaling", "checks", "phase"] else " --parts " + " ".join(args.parts)
+    parts = "" if args.parts == list(PARTS) else " --parts " + " ".join(args.parts)
     rel = out.relative_to(Path.cwd()) if out.is_relative_to(Path.cwd()) else out
-    res: dict = dict(command=f"python benchmarks/poly_attention.py{flag}{parts} --out {rel}",
-                     date=time.strftime("%Y-%m-%d %H:%M:%S %Z"), environment=environment(), quick=args.quick)
+    run = dict(command=f"python benchmarks/poly_attention.py{flag}{parts}{' --update' if args.update else ''} "
+                       f"--out {rel}", date=time.strftime("%Y-%m-%d %H:%M:%S %Z"), environment=environment())
+    previous = out / "results.json"
+    if args.update and previous.exists():
+        res = json.loads(previous.read_text())
+        res.setdefault("updates", []).append(run)
+        seen_loads = res.get("loads", []) + seen_loads
+    else:
+        res = dict(run, quick=args.quick)
     if "scaling" in args.parts:
         res["scaling"] = scaling(cfg, log)
         plot_scaling(res["scaling"], out)
@@ -419,9 +460,14 @@ def main() -> None:
         res["checks_table"] = check_table(res["checks"])
     if "phase" in args.parts:
         res["phase"] = phase(out, args.quick)
+    if "profile" in args.parts:
+        res["profiles"] = profiles(cfg, log)
     seen_loads.append(loads())
     res["loads"] = seen_loads
-    res["wall_s"] = time.perf_counter() - start
+    if args.update and "updates" in res:
+        res["updates"][-1]["wall_s"] = time.perf_counter() - start
+    else:
+        res["wall_s"] = time.perf_counter() - start
     (out / "results.json").write_text(json.dumps(res, indent=1, default=float))
     (out / "section.md").write_text(section(res, out))
     for c in res.get("checks_table", []):

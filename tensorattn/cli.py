@@ -68,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--B", nargs="+", type=float, help="entry bounds (entries uniform in [-B, B], scale 1/d)")
     bench.add_argument("--tol", nargs="+", type=float, help="poly tolerances")
     bench.add_argument("--causal", nargs="+", type=_bool, help="causal flags (true/false)")
-    bench.add_argument("--parts", nargs="+", help="parts to run: sweep targets rank phase fixed needle gemm rss")
+    bench.add_argument("--parts", nargs="+",
+                       help="parts to run: sweep targets poly rank phase fixed needle grad gemm rss")
     bench.add_argument("--no-progress", action="store_true", help="no progress bars")
     bench.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     bench.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")

@@ -5,15 +5,16 @@ import csv
 import json
 import math
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
 
 import tensorattn as ta
 from tensorattn.bench import get_suite, override, run_bench
-from tensorattn.bench.experiments import poly_at_degree, term_phase_plans
+from tensorattn.bench.experiments import fixed_degree_experiment, poly_at_degree, term_phase_plans
 from tensorattn.bench.measure import AffineEstimate, PeakMemory, interleaved, measure, visible_tuples
-from tensorattn.bench.plots import crossover, term_phase
+from tensorattn.bench.plots import crossover, fixed_degree, term_phase
 from tensorattn.bench.report import CSV_FIELDS
 from tensorattn.testing import random_inputs, reference_attention
 
@@ -111,6 +112,16 @@ def test_term_phase_plans(tmp_path, spec, orders):
             assert p["term_B"] == [pytest.approx(p["B"])] * len(orders)  # scale 1/d: B_t = B
             assert p["passed"] == all(b < t for b, t in zip(p["term_B"], size["taus"]))
     assert "threshold" in term_phase(plans, tmp_path / "phase.png") and (tmp_path / "phase.png").stat().st_size
+
+
+def test_fixed_degree_past_certification_is_recorded_not_raised(tmp_path):
+    """Past the largest certifiable radius the planner refuses a pinned degree: the point is kept
+    without an error and left out of the plot."""
+    suite = replace(get_suite("micro"), fixed_sizes=((2, 64, 4),), fixed_ratios=(0.5, 4.0))
+    exp = fixed_degree_experiment(suite)
+    ok, past = exp["2"]["points"]
+    assert ok["max_error"] <= ok["error_bound"] and past["max_error"] is None and past["error_bound"] is None
+    assert fixed_degree(exp, tmp_path / "fixed.png") and (tmp_path / "fixed.png").stat().st_size
 
 
 def test_measure_and_peak_memory():

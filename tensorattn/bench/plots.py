@@ -253,11 +253,11 @@ def fixed_degree(exp: dict, path: Path) -> str:
     fig, ax = plt.subplots(figsize=(6.8, 4.6))
     for i, k in enumerate(sorted(exp)):
         e = exp[k]
-        pts = e["points"]
+        pts = [p for p in e["points"] if p["max_error"] is not None]  # None: refused, beta past certification
         ax.plot([p["ratio"] for p in pts], [max(p["max_error"], 1e-17) for p in pts], "o-", color=f"C{i}",
                 label=f"k = {k} ({e['spec']}, n = {e['n']}, d = {e['d']}): degree {e['degree']}, rank "
                       f"{e['rank']:,}, measured")
-        ax.plot([p["ratio"] for p in pts], [p["error_bound"] for p in pts], "--", color=f"C{i}", alpha=0.6,
+        ax.plot([p["ratio"] for p in pts], [p["error_bound"] or np.nan for p in pts], "--", color=f"C{i}", alpha=0.6,
                 label=f"k = {k}: certified bound")
     ax.axvline(1.0, color="gray", ls="--", lw=1)
     ax.axhline(1e-3, color="black", lw=0.8, alpha=0.5)
@@ -268,7 +268,8 @@ def fixed_degree(exp: dict, path: Path) -> str:
     _save(fig, [ax], path)
     return ("Measured error of poly at a fixed degree (the degree certified for tol = 1e-3 at B = τ_k(n)/2), "
             "float64 features, as the entry bound B crosses τ_k(n) (vertical line) for k = 2 and k = 3. "
-            "Dashed: the certified bound at that degree (it stops where the certificate no longer holds). The "
+            "Dashed: the certified bound at that degree (it stops where the certificate no longer holds; past "
+            "the largest certifiable radius the planner refuses to run a polynomial and the point is left out). The "
             "horizontal line is tol = 1e-3. Past the threshold a fixed rank cannot follow e^s: the polynomial "
             "leaves its interval and the error grows to O(1) or worse.")
 
