@@ -21,6 +21,16 @@ from tensorattn.bench.report import markdown, write_json
 
 HERE = Path(__file__).resolve().parent
 LATEST = HERE / "latest"
+#: sections that other scripts write (each its own section.md), inserted after the suite's run
+INCLUDES = (
+    ("Attention polynomials", "latest_poly", "benchmarks/poly_attention.py",
+     "Strassen and tree attention (docs/poly-attention.md) against triple: the structured exact backends and "
+     "poly, time and memory against n, the headline checks, and the rank each structure needs against the entry "
+     "bound."),
+    ("Peer packages", "latest_peers", "benchmarks/peers.py",
+     "Side by side with strassen-attention and poly-attention (the optional extra `peers`) on equal work: the same "
+     "function, n, d and e; tests/test_peers.py checks the agreement in float64."),
+)
 
 HEADER = """# Benchmarks
 
@@ -154,6 +164,17 @@ def other_scripts() -> str:
     return ("Other scripts here measure single properties:\n\n" + "\n".join(items) + "\n") if items else ""
 
 
+def includes() -> str:
+    """The sections other scripts wrote (their section.md), each under its own heading."""
+    parts = []
+    for title, folder, script, intro in INCLUDES:
+        path = HERE / folder / "section.md"
+        if path.exists():
+            parts.append(f"## {title}\n\n{intro} Written by `{script}` into [`{folder}/`]({folder}/); "
+                         f"`python benchmarks/publish.py --from-results` keeps it here.\n\n{path.read_text()}")
+    return "\n".join(parts)
+
+
 def render(results: dict) -> str:
     suite = results["suite"]["name"]
     body = markdown(results, image_prefix="latest/")
@@ -163,7 +184,7 @@ def render(results: dict) -> str:
     body = body.replace("### Results\n", notes(results) + full + "### Results\n", 1)
     return HEADER.format(command=results["command"], suite_flag="" if suite == "default" else f" --suite {suite}",
                          others=other_scripts()) \
-        + speed_targets() + f"## Latest run ({suite} suite)\n" + body
+        + speed_targets() + f"## Latest run ({suite} suite)\n" + body + ("\n" + includes() if includes() else "")
 
 
 def speed_targets() -> str:

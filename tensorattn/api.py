@@ -135,10 +135,11 @@ def attend(spec: Spec, q: Any, k: Any, v: Any, request: Request, spec_options: M
     return_info = check_bool("return_info", return_info)
     ops = prepare(spec, q, k, v, request, dict(spec_options or {}), key_padding_mask=key_padding_mask,
                   attn_mask=attn_mask)
-    plan = plan_for(ops, request)
+    maxima = operand_maxima(ops)  # the bounds and the gradient certificate share one pass over the inputs
+    plan = plan_for(ops, request, maxima=maxima)
     result = ops.restore(_fits(run_plan(plan, ops), plan, ops))
     if return_info:
-        return result, AttentionInfo.from_plan(plan, certify_gradients(plan, ops, operand_maxima(ops)))
+        return result, AttentionInfo.from_plan(plan, certify_gradients(plan, ops, maxima))
     return result
 
 

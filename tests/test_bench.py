@@ -5,15 +5,16 @@ import csv
 import json
 import math
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
 
 import tensorattn as ta
 from tensorattn.bench import get_suite, override, run_bench
-from tensorattn.bench.experiments import poly_at_degree
-from tensorattn.bench.measure import AffineEstimate, PeakMemory, measure, visible_tuples
-from tensorattn.bench.plots import crossover
+from tensorattn.bench.experiments import fixed_degree_experiment, poly_at_degree, term_phase_plans
+from tensorattn.bench.measure import AffineEstimate, PeakMemory, interleaved, measure, visible_tuples
+from tensorattn.bench.plots import crossover, fixed_degree, term_phase
 from tensorattn.bench.report import CSV_FIELDS
 from tensorattn.testing import random_inputs, reference_attention
 
@@ -38,8 +39,9 @@ def test_micro_suite_writes_every_artifact(micro):
     report = (out / "report.md").read_text()
     assert "## Performance targets" in report and "![needle.png](needle.png)" in report
     assert "n/a: favor" in report  # favor cannot serve triple
-    assert set(results["figures"]) == {"time_vs_n.png", "error_vs_rank.png", "phase_transition.png",
-                                       "fixed_degree_error.png", "needle.png"}
+    assert set(results["figures"]) == {"time_vs_n.png", "poly_attention.png", "error_vs_rank.png",
+                                       "phase_transition.png", "fixed_degree_error.png", "needle.png"}
+    assert "## Attention polynomials" in report and "#### strassen, d = 4" in report
 
 
 def test_micro_rows_are_consistent(micro):
@@ -82,9 +84,44 @@ def test_micro_experiments(micro):
         assert math.isfinite(r["max_grad_error"])
         if r["backend"] == "poly":  # certified: the measured error is within the bound
             assert r["max_grad_error"] <= r["grad_error_bound"], r
+    poly_rows = exps["poly"]["rows"]
+    assert {(r["spec"], r["backend"]) for r in poly_rows} == {(s, b) for s in ("strassen", "tree")
+                                                              for b in ("poly", "exact")}
+    for r in poly_rows:
+        assert r["status"] == "ok" and not r["estimated"] and r["error_rows"] > 0, r
+        if r["backend"] == "poly":
+            assert r["max_error"] <= r["error_bound"], r
+        else:
+            assert r["max_error"] < 1e-5
+    poly_targets = [t for t in results["targets"] if t["workload"].startswith(("strassen", "tree"))]
+    assert len(poly_targets) == 2 and all(t["met"] is None for t in poly_targets)  # micro sizes: reported only
     gemm = exps["gemm"]
     assert gemm["gemm_calls"] > 0 and 0 < gemm["gemm_s"] <= gemm["profiled_ops_s"] and 0 < gemm["share"] <= 1
     assert 0 < exps["harness"]["per_call_s"] < 1e-3
+
+
+@pytest.mark.parametrize("spec, orders", [("strassen", [2, 2, 2]), ("triple", [3])])
+def test_term_phase_plans(tmp_path, spec, orders):
+    plans = term_phase_plans(spec, (1024, 65536), 6)
+    assert plans["orders"] == orders
+    for size in plans["sizes"]:
+        assert size["taus"] == [pytest.approx(math.log(size["n"]) ** (1 / k)) for k in orders]
+        ranks = [max(p["ranks"]) for p in size["points"] if p["ranks"]]
+        assert ranks and ranks == sorted(ranks), "the rank needed grows with B"
+        for p in size["points"]:
+            assert p["term_B"] == [pytest.approx(p["B"])] * len(orders)  # scale 1/d: B_t = B
+            assert p["passed"] == all(b < t for b, t in zip(p["term_B"], size["taus"]))
+    assert "threshold" in term_phase(plans, tmp_path / "phase.png") and (tmp_path / "phase.png").stat().st_size
+
+
+def test_fixed_degree_past_certification_is_recorded_not_raised(tmp_path):
+    """Past the largest certifiable radius the planner refuses a pinned degree: the point is kept
+    without an error and left out of the plot."""
+    suite = replace(get_suite("micro"), fixed_sizes=((2, 64, 4),), fixed_ratios=(0.5, 4.0))
+    exp = fixed_degree_experiment(suite)
+    ok, past = exp["2"]["points"]
+    assert ok["max_error"] <= ok["error_bound"] and past["max_error"] is None and past["error_bound"] is None
+    assert fixed_degree(exp, tmp_path / "fixed.png") and (tmp_path / "fixed.png").stat().st_size
 
 
 def test_measure_and_peak_memory():
@@ -104,6 +141,20 @@ def test_measure_and_peak_memory():
     if mem.peak_bytes is None:
         pytest.skip("this kernel has no resettable VmHWM (/proc/self/clear_refs)")
     assert mem.peak_bytes >= 16 << 20
+
+
+def test_interleaved_calls_round_robin():
+    calls = []
+    fns = {"a": lambda: calls.append("a") or len(calls), "b": lambda: calls.append("b") or len(calls)}
+    timings, last = interleaved(fns, rounds=3, warmup=1)
+    assert calls == ["a", "b"] * 4 and last == {"a": 7, "b": 8}
+    assert all(t.repeats == 3 and t.median == sorted(t.times)[1] for t in timings.values())
+    assert all(len(t.cpu_times) == 3 and 0 <= t.cpu_median for t in timings.values())
+    spin, _ = interleaved({"spin": lambda: sum(range(200_000))}, rounds=2, warmup=0)
+    assert spin["spin"].cpu_median > 0 and min(spin["spin"].cpu_times) <= max(spin["spin"].times) * 1.05
+    calls.clear()
+    timings, _ = interleaved(fns, rounds=5, warmup=0, max_seconds=0.0, min_rounds=2)
+    assert calls == ["a", "b"] * 2 and timings["a"].repeats == 2
 
 
 def test_affine_estimate_and_visible_tuples():

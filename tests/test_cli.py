@@ -79,3 +79,12 @@ def test_bench_with_overrides(tmp_path, capsys):
     assert results["command"].startswith("tensorattn bench --suite micro")
     assert (out / "report.md").exists() and (out / "results.csv").exists()
     assert "wrote" in capsys.readouterr().out
+
+
+def test_bench_help_names_every_part():
+    from tensorattn.bench import PARTS
+    from tensorattn.cli import build_parser
+
+    bench = next(a for a in build_parser()._subparsers._group_actions[0].choices.values() if a.prog.endswith("bench"))
+    text = next(a.help for a in bench._actions if "--parts" in a.option_strings)
+    assert text.split(": ", 1)[1].split() == list(PARTS)

@@ -13,6 +13,7 @@ import pytest
 
 import tensorattn as ta
 from tensorattn.request import Problem, Request
+from tensorattn.testing import random_inputs
 
 # --------------------------------------------------------------------------- Request
 
@@ -228,6 +229,42 @@ def test_plan_beta_and_bound_relations():
     assert q.beta == 2.0 and q.B == pytest.approx(math.sqrt(2.0))
     assert ta.threshold(2, 4096) == pytest.approx(math.sqrt(math.log(4096)))
     assert ta.threshold(3, 1) == 0.0
+
+
+MIXED = ta.Spec("mixed", "id,jd,kd->ijk + id,jd->ij", coefficients=(1.0, -0.5))
+
+
+@pytest.mark.parametrize("spec", ["strassen", "tree", MIXED, ta.Spec("sep", "ia,ja->ij + ib,kb->ik")], ids=str)
+def test_plan_without_data_fills_the_terms_of_a_polynomial(spec):
+    """Every term's beta_t, B_t, order and D_t from the entry bound alone: the same as the data path
+    on inputs whose entries all equal the bound (where the Hoelder bounds are attained)."""
+    spec = ta.get_spec(spec)
+    n, d, bound, scale = 64, 3, 0.7, 0.25
+    p = ta.plan(spec, n=n, d=d, bound=bound, scale=scale, tol=1e-3)
+    assert len(p.problem.terms) == len(spec.terms) and len(p.term_thresholds) == len(spec.terms)
+    for term, st in zip(spec.terms, p.problem.terms):
+        D_t = d ** len(term.contracted)
+        assert (st.order, st.D) == (term.order, D_t)
+        assert st.beta == pytest.approx(abs(term.coefficient) * scale * D_t * bound**term.order)
+        assert st.B == pytest.approx(st.beta ** (1 / term.order))
+    assert p.beta == pytest.approx(sum(t.beta for t in p.problem.terms))
+    q, k, v = random_inputs(spec, n=n, d=d, dtype=np.float64)
+    q, k = np.full_like(q, bound), tuple(np.full_like(x, -bound) for x in k)
+    data = ta.check_bounds(q, k, v, spec=spec, scale=scale, tol=1e-3)
+    for a, b in zip(p.problem.terms, data.problem.terms):
+        assert (a.order, a.D) == (b.order, b.D)
+        assert a.beta == pytest.approx(b.beta) and a.B == pytest.approx(b.B)
+    assert (p.B, p.deciding_term, p.passed, p.degree) == (pytest.approx(data.B), data.deciding_term, data.passed,
+                                                          data.degree)
+
+
+def test_plan_without_data_for_a_polynomial_needs_the_bound():
+    with pytest.raises(ta.InputError, match="attention polynomial 'strassen' needs bound="):
+        ta.plan("strassen", n=64, d=4, beta=1.0)
+    p = ta.plan("strassen", n=2048, d=4, bound=1.0, scale=1 / 4)
+    assert p.backend == "poly" and p.poly_method and p.rank and "Term 2:" in repr(p)
+    past = ta.plan("tree", n=1024, d=4, bound=3.0, scale=1 / 4, backend="auto")
+    assert not past.passed and past.backend == "exact"
 
 
 def test_plan_relative_uses_w_support():

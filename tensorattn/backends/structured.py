@@ -84,12 +84,13 @@ def _visible_range(q0: int, q1: int, nk: int, causal: bool, off: int) -> int:
     return max(0, min(nk, q1 - 1 + off + 1))
 
 
-def _tile_scores(xq, xk, bias, scale, q0, k0, causal, off):
-    """Scores of one tile (Z, bq, bk) with the bias added and the causal mask applied."""
+def _tile_scores(xq, xk, bias, scale, q0, k0, causal, off, out=None):
+    """Scores of one tile (Z, bq, bk) with the bias added and the causal mask applied; written into
+    ``out`` (a reused buffer of that shape) when given."""
     if bias is None:
-        s = torch.bmm(xq, xk.transpose(1, 2)).mul_(scale)
+        s = torch.bmm(xq, xk.transpose(1, 2), out=out).mul_(scale)
     else:
-        s = torch.baddbmm(bias[:, None, :], xq, xk.transpose(1, 2), alpha=scale)
+        s = torch.baddbmm(bias[:, None, :], xq, xk.transpose(1, 2), alpha=scale, out=out)
     if causal:
         bq, bk = s.shape[1], s.shape[2]
         if k0 + bk - 1 > q0 + off:  # the tile crosses the diagonal
@@ -105,6 +106,9 @@ def _forward(xq, xk, vk, bias, scale, causal, off, bq, bk):
     out = xq.new_empty(Z, nq, e)
     lse = xq.new_empty(Z, nq)
     ninf = float("-inf")
+    # one scores buffer for every tile: a fresh tile per step leaves the allocator's heap
+    # fragmented, which showed as a peak RSS several tiles above the working set
+    tile = xq.new_empty(Z * min(bq, nq) * min(bk, nk))
     for q0 in range(0, nq, bq):
         q1 = min(nq, q0 + bq)
         qc = xq[:, q0:q1]
@@ -113,7 +117,9 @@ def _forward(xq, xk, vk, bias, scale, causal, off, bq, bk):
         acc = qc.new_zeros(Z, q1 - q0, e)
         for k0 in range(0, _visible_range(q0, q1, nk, causal, off), bk):
             k1 = min(nk, k0 + bk)
-            s = _tile_scores(qc, xk[:, k0:k1], None if bias is None else bias[:, k0:k1], scale, q0, k0, causal, off)
+            buf = tile[: Z * (q1 - q0) * (k1 - k0)].view(Z, q1 - q0, k1 - k0)
+            s = _tile_scores(qc, xk[:, k0:k1], None if bias is None else bias[:, k0:k1], scale, q0, k0, causal, off,
+                             out=buf)
             m_new = torch.maximum(m, s.amax(-1))
             m_safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
             p = s.sub_(m_safe[..., None]).exp_()

@@ -95,6 +95,7 @@ def run_bench(suite: str | Suite = "default", out: str | os.PathLike = "bench-re
     rows = part("sweep", lambda: run_sweep(s, bar)) if "sweep" in s.parts else []
     exps: dict[str, Any] = {}
     jobs = {  # the untimed experiments run single-threaded (see measure.single_thread)
+        "poly": lambda: dict(rows=run_sweep(s, bar, cases=s.poly_cases, estimate=False, desc="poly-attention")),
         "rank": lambda: _untimed(experiments.rank_experiment, s, bar),
         "phase": lambda: experiments.phase_plans(s),
         "fixed": lambda: _untimed(experiments.fixed_degree_experiment, s, bar),
@@ -144,6 +145,7 @@ def _plots(rows: list[dict], exps: dict, out: Path) -> dict[str, str]:
     figures = {}
     jobs = [
         ("time_vs_n.png", lambda p: plots.time_vs_n(rows, p)),
+        ("poly_attention.png", lambda p: plots.poly_time_vs_n(exps["poly"]["rows"], p) if "poly" in exps else None),
         ("error_vs_rank.png", lambda p: plots.error_vs_rank(exps["rank"], p) if "rank" in exps else None),
         ("phase_transition.png", lambda p: plots.phase_transition(exps["phase"], p) if "phase" in exps else None),
         ("fixed_degree_error.png", lambda p: plots.fixed_degree(exps["fixed"], p) if "fixed" in exps else None),

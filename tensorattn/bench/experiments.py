@@ -18,6 +18,7 @@ import torch
 
 from .. import api
 from ..approx.features import rank_for
+from ..errors import BoundError
 from ..planning import plan as make_plan_for_sizes
 from ..planning import threshold
 from ..spec import get_spec
@@ -89,6 +90,35 @@ def phase_plans(suite: Suite, tol: float = 1e-3, d: int = 8) -> dict:
     return out
 
 
+def term_phase_plans(spec, ns, points: int, *, d: int = 8, tol: float = 1e-3) -> dict:
+    """Per term, the degree and rank ``ta.plan`` needs for ``tol`` as the entry bound B of q and the
+    keys grows, from sizes alone (no data; scale 1/d, so every term's own entry bound B_t equals B),
+    and each term's threshold tau_{k_t}(n) = (ln n)^(1/k_t). A single-term spec is one term over
+    all of its slots. Ranks are None where no degree <= max_degree certifies tol."""
+    sp = get_spec(spec)
+    exprs = [t.expr for t in sp.terms] if sp.is_polynomial else [sp.score]
+    orders = [t.order for t in sp.terms] if sp.is_polynomial else [sp.order]
+    tau_max = max(threshold(k, max(ns)) for k in orders)
+    Bs = np.linspace(0.05, 1.6 * tau_max, points)
+    sizes = []
+    for n in ns:
+        rows = []
+        for B in Bs:
+            p = make_plan_for_sizes(sp, n=n, d=d, bound=float(B), scale=1 / d, tol=tol)
+            cert = p.certificate
+            if cert is None:
+                degrees = ranks = None
+            elif sp.is_polynomial:
+                degrees, ranks = list(cert.degrees), list(cert.ranks)
+            else:
+                degrees, ranks = [cert.degree], [cert.rank]
+            term_B = [t.B for t in p.problem.terms] if sp.is_polynomial else [p.B]
+            rows.append(dict(B=float(B), beta=p.beta, term_B=term_B, degrees=degrees, ranks=ranks, passed=p.passed,
+                             method=p.poly_method, flops_exact=p.flops_exact, flops_poly=p.flops_poly))
+        sizes.append(dict(n=n, taus=[threshold(k, n) for k in orders], points=rows))
+    return dict(spec=sp.name, terms=exprs, orders=orders, d=d, tol=tol, sizes=sizes)
+
+
 def fixed_degree_experiment(suite: Suite, progress=None, tol: float = 1e-3) -> dict:
     """Measured error of poly at a fixed degree (the one certified for tol at B = tau_k(n)/2) as the
     entry bound B crosses tau_k(n), against the float64 exact result."""
@@ -105,12 +135,16 @@ def fixed_degree_experiment(suite: Suite, progress=None, tol: float = 1e-3) -> d
         B = ratio * tau
         q, kk, v = _as_args(*random_inputs(spec, n, d, bound=B, seed=2, dtype=np.float64), k)
         ref = api.attention(q, kk, v, spec=spec, backend="exact", scale=1 / d)
-        got, bound = poly_at_degree(q, kk, v, spec=spec, degree=g, scale=1 / d)
         vmax = float(np.prod([float(x.abs().max()) for x in ([v] if k == 2 else v)]))
+        try:
+            got, bound = poly_at_degree(q, kk, v, spec=spec, degree=g, scale=1 / d)
+            err = _max_err(got, ref) / vmax
+        except BoundError:  # beta past what any degree certifies: the planner runs no polynomial there
+            err = bound = None
         need = make_plan_for_sizes(spec, n=n, d=d, bound=B, scale=1 / d, tol=tol)
         entry = out.setdefault(str(k), dict(spec=spec, n=n, d=d, degree=g, rank=rank_for(d, g), tau=tau,
                                             points=[]))
-        entry["points"].append(dict(B=B, ratio=ratio, max_error=_max_err(got, ref) / vmax,
+        entry["points"].append(dict(B=B, ratio=ratio, max_error=err,
                                     error_bound=(bound / vmax) if bound is not None else None,
                                     degree_needed=need.degree))
     return out

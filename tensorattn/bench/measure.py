@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import gc
+import math
 import os
 import re
 import statistics
@@ -99,6 +100,13 @@ class Timing:
     times: tuple[float, ...]
     #: other processes' share of the CPU during the timed calls (``LoadProbe``), None if unknown
     foreign_load: float | None = None
+    #: processor time of the calling thread per call (``interleaved`` records it): on a shared
+    #: machine, close to the call's time alone on one core when torch runs single-threaded
+    cpu_times: tuple[float, ...] = ()
+
+    @property
+    def cpu_median(self) -> float | None:
+        return statistics.median(self.cpu_times) if self.cpu_times else None
 
     @property
     def repeats(self) -> int:
@@ -172,6 +180,33 @@ def best_of(fn: Callable[[], object], repeats: int) -> tuple[float, object]:
         result = fn()
         best = min(best, time.perf_counter() - t0)
     return best, result
+
+
+def interleaved(fns: dict[str, Callable[[], object]], rounds: int, *, warmup: int = 1,
+                max_seconds: float = math.inf, min_rounds: int = 2) -> tuple[dict[str, Timing], dict[str, object]]:
+    """Time several calls round-robin: every round calls each of ``fns`` once, so slow phases of a
+    shared machine's load hit them alike and their ratio is steadier than from back-to-back blocks.
+    ``warmup`` untimed rounds first; fewer than ``rounds`` timed rounds (at least ``min_rounds``) once
+    the timed calls pass ``max_seconds``. Returns per name the Timing (median; ``min(times)`` is the
+    best of; ``cpu_times`` the calling thread's processor time per call) and the last result."""
+    results: dict[str, object] = {}
+    for _ in range(warmup):
+        for name, fn in fns.items():
+            results[name] = fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    cpu: dict[str, list[float]] = {name: [] for name in fns}
+    spent = 0.0
+    for r in range(max(1, rounds)):
+        for name, fn in fns.items():
+            c0, t0 = time.thread_time(), time.perf_counter()
+            results[name] = fn()
+            dt = time.perf_counter() - t0
+            cpu[name].append(time.thread_time() - c0)
+            times[name].append(dt)
+            spent += dt
+        if r + 1 >= min_rounds and spent > max_seconds:
+            break
+    return {name: Timing(statistics.median(ts), tuple(ts), cpu_times=tuple(cpu[name])) for name, ts in times.items()}, results
 
 
 def _release_free_memory() -> None:

@@ -99,6 +99,36 @@ def time_vs_n(rows: list[dict], path: Path) -> str | None:
             f"crossovers, in the rival's colour ({cross}).")
 
 
+def poly_time_vs_n(rows: list[dict], path: Path) -> str | None:
+    """The attention polynomials: time per call against n for exact and poly, one panel per spec,
+    with the exact/poly ratio printed at each n."""
+    specs = list(dict.fromkeys(r["spec"] for r in rows if r["status"] == "ok"))
+    if not specs:
+        return None
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(specs), figsize=(5.6 * len(specs), 4.4), squeeze=False)
+    for ax, spec in zip(axes[0], specs):
+        d = next(r["d"] for r in rows if r["spec"] == spec)
+        series = {}
+        for backend in ("exact", "poly"):
+            pts = _series(rows, spec, backend, d=d)
+            series[backend] = {n: t for n, t, _ in pts}
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "-" + MARKERS[backend], color=COLORS[backend],
+                    label=backend)
+        for n in sorted(set(series["exact"]) & set(series["poly"])):
+            ax.annotate(f"{series['exact'][n] / series['poly'][n]:.3g}x", (n, series["poly"][n]),
+                        xytext=(0, -12), textcoords="offset points", fontsize=7, ha="center", color=COLORS["poly"])
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("sequence length n (queries = keys per slot)")
+        ax.set_ylabel("median time per call (s)")
+        ax.set_title(f"{spec}, d = {d}, entries in [-1, 1], scale 1/d, tol 1e-3", fontsize=9)
+    _save(fig, axes[0], path)
+    return ("Attention polynomials: time per call against n, log-log, for the structured exact backend (the "
+            "Strassen triangle as blocked GEMMs, the tree by message passing) and poly; the labels are the "
+            "exact/poly ratios at each n.")
+
+
 def error_vs_rank(exp: dict, path: Path) -> str:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.2, 4.6))
@@ -180,16 +210,54 @@ def phase_transition(plans: dict, path: Path) -> str:
             "β = B^k, so the rank needed explodes past B ≈ τ_k(n) while exact's cost stays n^k.")
 
 
+def term_phase(plans: dict, path: Path) -> str:
+    """Rank needed (largest over the terms) against the entry bound B, one line per n, with each
+    term's threshold (ln n)^(1/k_t) as a dashed line in that n's color."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    styles = {1: ":", 2: "--", 3: "-.", 4: (0, (1, 3))}
+    for c, size in enumerate(plans["sizes"]):
+        color = f"C{c}"
+        pts = [p for p in size["points"] if p["ranks"]]
+        # the curves of different n nearly coincide (n enters the degree only through roundoff):
+        # wider lines underneath keep each visible
+        lw = 1.0 + 1.6 * (len(plans["sizes"]) - 1 - c)
+        ax.plot([p["B"] for p in pts], [max(p["ranks"]) for p in pts], "-", color=color, lw=lw, alpha=0.8,
+                label=f"n = 2^{int(round(math.log2(size['n'])))}")
+        past = [p for p in pts if not p["passed"]]
+        ax.plot([p["B"] for p in past], [max(p["ranks"]) for p in past], "o", mfc="none", ms=3, color=color)
+        seen = set()
+        for k, tau in zip(plans["orders"], size["taus"]):
+            if (k, round(tau, 12)) in seen:
+                continue
+            seen.add((k, round(tau, 12)))
+            terms = [t for t, kk in enumerate(plans["orders"]) if kk == k]
+            which = "term " + ",".join(map(str, terms)) if len(plans["orders"]) > 1 else "threshold"
+            ax.axvline(tau, color=color, ls=styles.get(k, "--"), lw=1,
+                       label=f"{which}: (ln n)^(1/{k}) = {tau:.2f}" if c == 0 or len(plans["sizes"]) <= 3 else None)
+    ax.set_yscale("log")
+    ax.set_xlabel("entry bound B (max |entry| of q and the keys; scale 1/d)")
+    ax.set_ylabel("rank per term (largest)")
+    terms = " + ".join(plans["terms"])
+    ax.set_title(f"{plans['spec']}: {terms}", fontsize=9)
+    _save(fig, [ax], path)
+    return (f"{plans['spec']} (d = {plans['d']}, tol = {plans['tol']:g}): the rank `ta.plan` needs, from sizes "
+            "alone, against the entry bound B; dashed lines mark each term's threshold (ln n)^(1/k_t) and hollow "
+            "markers the plans past it (where the SETH lower bound applies). The rank depends on B through "
+            "each term's radius beta_t and on n only through roundoff, so the curves of different n nearly "
+            "coincide; they end where no degree up to max_degree certifies tol.")
+
+
 def fixed_degree(exp: dict, path: Path) -> str:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.8, 4.6))
     for i, k in enumerate(sorted(exp)):
         e = exp[k]
-        pts = e["points"]
+        pts = [p for p in e["points"] if p["max_error"] is not None]  # None: refused, beta past certification
         ax.plot([p["ratio"] for p in pts], [max(p["max_error"], 1e-17) for p in pts], "o-", color=f"C{i}",
                 label=f"k = {k} ({e['spec']}, n = {e['n']}, d = {e['d']}): degree {e['degree']}, rank "
                       f"{e['rank']:,}, measured")
-        ax.plot([p["ratio"] for p in pts], [p["error_bound"] for p in pts], "--", color=f"C{i}", alpha=0.6,
+        ax.plot([p["ratio"] for p in pts], [p["error_bound"] or np.nan for p in pts], "--", color=f"C{i}", alpha=0.6,
                 label=f"k = {k}: certified bound")
     ax.axvline(1.0, color="gray", ls="--", lw=1)
     ax.axhline(1e-3, color="black", lw=0.8, alpha=0.5)
@@ -200,7 +268,8 @@ def fixed_degree(exp: dict, path: Path) -> str:
     _save(fig, [ax], path)
     return ("Measured error of poly at a fixed degree (the degree certified for tol = 1e-3 at B = τ_k(n)/2), "
             "float64 features, as the entry bound B crosses τ_k(n) (vertical line) for k = 2 and k = 3. "
-            "Dashed: the certified bound at that degree (it stops where the certificate no longer holds). The "
+            "Dashed: the certified bound at that degree (it stops where the certificate no longer holds; past "
+            "the largest certifiable radius the planner refuses to run a polynomial and the point is left out). The "
             "horizontal line is tol = 1e-3. Past the threshold a fixed rank cannot follow e^s: the polynomial "
             "leaves its interval and the error grows to O(1) or worse.")
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -261,17 +261,23 @@ def _rerun(rows: list[dict], suite: Suite, which: list[int], progress=None) -> N
         old["rerun"] = True
 
 
-def run_sweep(suite: Suite, progress=None) -> list[dict]:
-    """Run every case, then rerun the unsteady ones and those whose time falls as n grows, and
-    flag what stays so (``noisy``, ``non_monotone``); ``progress`` wraps an iterable (tqdm) or is None."""
+def run_sweep(suite: Suite, progress=None, cases: tuple[Case, ...] | None = None, estimate: bool = True,
+              desc: str = "sweep") -> list[dict]:
+    """Run every case (``suite.cases``, or ``cases``); ``progress`` wraps an iterable (tqdm) or is
+    None. ``estimate=False`` measures every case in full. After the sweep, the unsteady cases and
+    those whose time falls as n grows run again, and what stays so is flagged (``noisy``,
+    ``non_monotone``)."""
+    if not estimate:
+        suite = replace(suite, quadratic_work_cap=math.inf)
     order = {}
-    for case in suite.cases:  # group cases that share inputs, keeping the suite's order otherwise
+    # group cases that share inputs, keeping the suite's order otherwise
+    for case in suite.cases if cases is None else cases:
         order.setdefault(case.input_key, []).append(case)
     cases = [c for group in order.values() for c in group]
     rows = []
     validated: set[tuple] = set()
     inp = None
-    it = progress(cases, desc="sweep", unit="case") if progress else cases
+    it = progress(cases, desc=desc, unit="case") if progress else cases
     for case in it:
         if hasattr(it, "set_postfix_str"):
             it.set_postfix_str(f"{case.spec} {case.backend} n={case.n}")

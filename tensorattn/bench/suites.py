@@ -18,7 +18,9 @@ from ..spec import get_spec
 SWEEP_BACKENDS = ("poly", "exact", "sdpa", "favor", "taylor2")
 #: backends whose cost grows with n * m^(k-1); only these are estimated from a fraction of rows
 QUADRATIC_BACKENDS = ("exact", "sdpa")
-PARTS = ("sweep", "targets", "rank", "phase", "fixed", "needle", "grad", "gemm", "rss")
+PARTS = ("sweep", "targets", "poly", "rank", "phase", "fixed", "needle", "grad", "gemm", "rss")
+#: the attention polynomials of the "poly" part, with the d of their headline sizes
+POLY_SPECS = (("strassen", 4), ("tree", 8))
 
 
 @dataclass(frozen=True)
@@ -86,12 +88,20 @@ class Suite:
     #: (None: all rows). The exact backend processes query chunks one after another, so any row
     #: count of at least one chunk reaches the full run's peak.
     rss_rows: int | None = 8192
+    #: the "poly" part: exact and poly of the attention polynomials (strassen, tree), measured in
+    #: full at every n (no row-fraction estimate: a tree's inner edges cost n^2 whatever the rows)
+    poly_cases: tuple[Case, ...] = ()
     notes: tuple[str, ...] = field(default_factory=tuple)
 
 
 def _grid(spec: str, ns, backends=SWEEP_BACKENDS, *, d: int = 8, B: float = 1.0, tol: float = 1e-3,
           causal: bool = False) -> list[Case]:
     return [Case(spec, b, n, d, B, tol, causal) for n in ns for b in backends]
+
+
+def _poly_grid(strassen_ns, tree_ns) -> tuple[Case, ...]:
+    ns = dict(strassen=strassen_ns, tree=tree_ns)
+    return tuple(c for spec, d in POLY_SPECS for c in _grid(spec, ns[spec], ("poly", "exact"), d=d))
 
 
 def default_suite() -> Suite:
@@ -102,7 +112,7 @@ def default_suite() -> Suite:
         + _grid("rope", (4096,))
         + _grid("relative", (512,))
     )
-    return Suite("default", tuple(cases))
+    return Suite("default", tuple(cases), poly_cases=_poly_grid((128, 256, 512), (1024, 2048, 4096)))
 
 
 def full_suite() -> Suite:
@@ -121,6 +131,7 @@ def full_suite() -> Suite:
         rank_n=4096, rank_degrees=(1, 2, 3, 4, 5, 6, 7), favor_seeds=(0, 1, 2, 3, 4),
         plan_points=60, fixed_sizes=((2, 4096, 8), (3, 512, 8)), needle_ns=(256, 1024, 4096, 16384),
         needle_queries=512, grad_ns=(1024, 4096, 16384), rss_rows=None,
+        poly_cases=_poly_grid((256, 512, 1024, 2048), (2048, 4096, 8192, 16384)),
     )
 
 
@@ -134,7 +145,7 @@ def micro_suite() -> Suite:
         error_work_cap=2.0**14, rank_n=128, rank_degrees=(1, 2, 3), favor_seeds=(0,), plan_ns=(2**10,),
         plan_points=6, fixed_sizes=((2, 64, 4), (3, 24, 4)), fixed_ratios=(0.5, 1.0, 1.5),
         needle_ns=(64,), needle_queries=16, needle_points=6, grad_ns=(64,), target_n=128, triple_target_n=32,
-        gemm_n=256, rss_rows=64,
+        gemm_n=256, rss_rows=64, poly_cases=_poly_grid((32,), (64,)),
     )
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import string
 from dataclasses import dataclass
+from functools import lru_cache
 
 import opt_einsum
 
@@ -50,6 +51,7 @@ def _letters(spec: Spec) -> tuple[str, list[str], str]:
     return free[0], free[1: 1 + len(spec.terms)], free[1 + len(spec.terms)]
 
 
+@lru_cache(maxsize=256)  # planning repeats per call; the path search costs milliseconds
 def build_networks(spec: Spec, Z: int, n: int, ms: tuple[int, ...], ranks: tuple[int, ...],
                    value_shapes: tuple[tuple[int, ...], ...]) -> tuple[Network, ...]:
     """The contraction(s) poly runs for ``spec``: one with values [v | 1] when they combine

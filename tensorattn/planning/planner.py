@@ -20,9 +20,9 @@ from ..checks import check_int, check_number, shorten
 from ..errors import BoundError, InputError
 from ..inputs import Operands, check_finite, check_positions, to_tensor
 from ..registry import AUTO, Backend, backends_serving, registered, serving
-from ..request import MAX_POSITION, Problem, Request, default_scale
+from ..request import MAX_POSITION, Problem, Request, TermStats, default_scale
 from ..spec import Spec, get_spec
-from .bounds import OperandMaxima, problem_for, threshold
+from .bounds import OperandMaxima, problem_for, term_stats, threshold
 from .certificate import (
     FLOAT32_SAFE_RANGE,
     FLOAT64_SAFE_RANGE,
@@ -616,7 +616,18 @@ def plan(
         Wt = to_tensor(W, "rel")[0]
         check_finite(Wt, "rel")
         support = relative_support(Wt, D)
-    if beta is None:
+    terms: tuple = ()
+    if spec.is_polynomial:
+        if bound is None:
+            raise InputError(
+                f"plan() for the attention polynomial {spec.name!r} needs bound= (max |entry| of q and the keys): "
+                "each term's radius beta_t and entry bound B_t come from it, which one beta= cannot give"
+            )
+        bound = check_number("bound", bound, low=0.0, hint="the largest |entry| of q and the keys")
+        terms = _bound_term_stats(spec, sizes, abs(scale), bound, max(n, m))
+        beta = sum(t.beta for t in terms)
+        B = max(terms, key=lambda t: t.B / threshold(t.order, max(n, m)) if max(n, m) > 1 else t.B).B
+    elif beta is None:
         if bound is None:
             raise InputError("plan() needs bound= (max |entry| of q and k) or beta= (score radius)")
         bound = check_number("bound", bound, low=0.0, hint="the largest |entry| of q and the keys")
@@ -637,7 +648,20 @@ def plan(
         beta=beta, B=B, scale=scale, Z=batch, causal=request.causal, vmax=1.0,
         dtype="float64" if dtype_name == "float64" else "float32", out_dtype=dtype_name,
         need_grad=bool(request.need_grad), q_offset=request.q_offset or 0, relative=support,
-        alibi_slope=float(spec_options.get("alibi_slope") or 0.0),
+        alibi_slope=float(spec_options.get("alibi_slope") or 0.0), terms=terms,
         linf=(bound,) * k if bound is not None else (),
     )
     return make_plan(problem, request)
+
+
+def _bound_term_stats(spec: Spec, sizes: dict[str, int], scale: float, bound: float,
+                      n_max: int) -> tuple[TermStats, ...]:
+    """Each term's statistics when every entry of q and the keys is at most ``bound``: an operand
+    expanded to the term's D_t index tuples has l2 norm <= bound sqrt(D_t), so term_stats gives
+    beta_t = B_t^{k_t} = |c_t| scale D_t bound^{k_t} (the data path's bounds at these maxima)."""
+    l2, linf = [], []
+    for term in spec.terms:
+        D_t = math.prod(sizes[c] for c in term.contracted)
+        l2 += [bound * math.sqrt(D_t)] * term.order
+        linf += [bound] * term.order
+    return term_stats(spec, scale, sizes, OperandMaxima(tuple(l2), tuple(linf), (), 1.0))
