@@ -9,9 +9,9 @@ settings.register_profile(
 )
 settings.register_profile("dev", max_examples=100, deadline=None)
 # a one-off check: `pytest tests/test_fuzz.py --hypothesis-profile=deep` (hours; TENSORATTN_FUZZ_STATS=path.json
-# writes the counts of the run)
+# writes the counts of the run; TENSORATTN_FUZZ_EXAMPLES sets the examples per test, default 10,000)
 settings.register_profile(
-    "deep", max_examples=10_000, deadline=None,
+    "deep", max_examples=int(os.environ.get("TENSORATTN_FUZZ_EXAMPLES", "10000")), deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))

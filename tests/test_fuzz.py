@@ -46,8 +46,9 @@ STATS: dict[str, Any] = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
+@pytest.fixture(autouse=True)
 def _write_stats():
+    """After every test (so a run stopped early still leaves the counts so far)."""
     yield
     path = os.environ.get("TENSORATTN_FUZZ_STATS")
     if path:
@@ -93,9 +94,16 @@ CUSTOM = {
     "quad": ta.Spec("quad", "id,jd,kd,ld->ijkl"),
     "outer": ta.Spec("outer", "id,jd,kd->ijk", value="je,kf->ief"),
     "summed": ta.Spec("summed", "iab,jab->ij", value="jef->ie"),
+    # attention polynomials beyond the built-ins: a 3-hop chain with coefficients (a tree), a star,
+    # a one-slot term (a per-key bias) and a 4-cycle (the general path over key tuples)
+    "chain": ta.Spec("chain", "id,jd->ij + jd,kd->jk + kd,ld->kl", coefficients=(1.0, -0.5, 0.75)),
+    "star": ta.Spec("star", "id,jd->ij + id,kd->ik"),
+    "biased": ta.Spec("biased", "id,jd->ij + jd,kd->jk + kd->k"),
+    "cycle4": ta.Spec("cycle4", "id,jd->ij + jd,kd->jk + kd,ld->kl + ld,id->li"),
 }
 #: spec -> largest n and m (the float64 reference materializes n * m^(k-1) scores)
-NMAX = {"pairwise": 9, "rope": 9, "relative": 8, "triple": 6, "bilinear3": 4, "quad": 3, "outer": 4, "summed": 6}
+NMAX = {"pairwise": 9, "rope": 9, "relative": 8, "triple": 6, "bilinear3": 4, "quad": 3, "outer": 4, "summed": 6,
+        "strassen": 6, "tree": 6, "chain": 4, "star": 6, "biased": 6, "cycle4": 3}
 SPECS = list(NMAX)
 BACKENDS = ["auto", "exact", "poly", "sdpa", "favor", "taylor2"]
 FLOAT_KEYS = ["np:float16", "np:float32", "np:float64", "torch:float16", "torch:bfloat16", "torch:float32",
@@ -157,9 +165,9 @@ class Case:
 
 
 def operand_shapes(spec: ta.Spec, lead, n, ms, sizes, vsizes):
-    se, ve = spec.score_einsum, spec.value_einsum
-    q = (*lead, n, *[sizes[c] for c in se.features[0]])
-    ks = [(*lead, m, *[sizes[c] for c in f]) for m, f in zip(ms, se.features[1:])]
+    features, ve = spec.slots.features, spec.value_einsum  # one feature string per slot, query first
+    q = (*lead, n, *[sizes[c] for c in features[0]])
+    ks = [(*lead, m, *[sizes[c] for c in f]) for m, f in zip(ms, features[1:])]
     vs = [(*lead, m, *[vsizes[c] for c in letters]) for m, letters in zip(ms, ve.value_letters)]
     return q, ks, vs
 
