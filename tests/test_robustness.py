@@ -135,6 +135,7 @@ def test_bad_settings_are_refused(kwargs, fragment):
     (dict(n=64, m=2000, d=8, causal=True), "causal=True needs as many keys as queries"),
     (dict(n=64, d=8, sizes=[8]), "sizes=[8] must be a dict"),
     (dict(n=64, d=8, dtype="int8"), "dtype='int8' must be one of"),
+    (dict(n=1, d=[8], sizes={"d": 2}), "d=[8] must be an int >= 1"),  # d is checked even beside sizes
 ])
 def test_plan_arguments(kwargs, fragment):
     assert fragment in _message(ta.InputError, ta.plan, "pairwise", bound=1.0, **kwargs)

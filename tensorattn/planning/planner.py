@@ -589,10 +589,11 @@ def plan(
     spec_options = positional.check_options(spec.positional, spec_options)
     n = check_int("n", n, low=1, high=MAX_POSITION, hint="the number of queries")
     m = n if m is None else check_int("m", m, low=1, high=MAX_POSITION, hint="the number of keys per slot")
+    if d is not None:
+        d = check_int("d", d, low=1, high=MAX_POSITION, hint="the size of every contracted index")
     if sizes is None:
         if d is None:
             raise InputError("plan() needs d= (size of every contracted index) or sizes={letter: size}")
-        d = check_int("d", d, low=1, high=MAX_POSITION, hint="the size of every contracted index")
         sizes = {c: d for c in spec.contracted}
     if not isinstance(sizes, Mapping):
         raise InputError(f"sizes={shorten(repr(sizes))} must be a dict {{index letter: size}}, e.g. {{'d': 8}}")
