@@ -220,3 +220,14 @@ def test_load_probe_and_spread():
     assert probe.foreign is None or 0.0 <= probe.foreign <= 1.0
     timing, _ = measure(lambda: None, warmup=0, repeats=50, min_repeats=3, max_spread=10.0)
     assert timing.repeats == 3 and timing.spread >= 0.0  # stops once the spread is small enough
+
+
+def test_missing_matplotlib_is_said_before_the_run(tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    start = time.perf_counter()
+    with pytest.raises(ta.InputError, match=r"need matplotlib.*tensorattn\[bench\].*--no-plots"):
+        run_bench("micro", tmp_path, progress=False)
+    assert time.perf_counter() - start < 1.0 and not (tmp_path / "results.json").exists()

@@ -12,11 +12,13 @@ plots to one directory and returns the results as a dict.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import time
 from pathlib import Path
 from typing import Any
 
+from ..errors import InputError
 from . import experiments, plots
 from .measure import PeakMemory, harness_overhead, load_average, single_thread
 from .report import environment, markdown, targets, write_csv, write_json
@@ -78,6 +80,9 @@ def run_bench(suite: str | Suite = "default", out: str | os.PathLike = "bench-re
     """
     s = suite if isinstance(suite, Suite) else get_suite(suite)
     s = override(s, **overrides)
+    if plots_enabled and importlib.util.find_spec("matplotlib") is None:  # say so before the run, not after
+        raise InputError("the benchmark plots need matplotlib, which is not installed. Fix: pip install "
+                         "'tensorattn[bench]' (or the [test] extra), or pass --no-plots (plots_enabled=False)")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()

@@ -206,7 +206,8 @@ def interleaved(fns: dict[str, Callable[[], object]], rounds: int, *, warmup: in
             spent += dt
         if r + 1 >= min_rounds and spent > max_seconds:
             break
-    return {name: Timing(statistics.median(ts), tuple(ts), cpu_times=tuple(cpu[name])) for name, ts in times.items()}, results
+    timings = {name: Timing(statistics.median(ts), tuple(ts), cpu_times=tuple(cpu[name])) for name, ts in times.items()}
+    return timings, results
 
 
 def _release_free_memory() -> None:
