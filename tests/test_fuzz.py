@@ -348,7 +348,7 @@ def test_certificate_every_dtype(case: Case):
     check_certificate(case, out, info)
 
 
-@given(case=cases(specs=["pairwise", "triple", "rope", "relative", "bilinear3"], backends=BACKENDS,
+@given(case=cases(specs=["pairwise", "triple", "rope", "relative", "bilinear3", "strassen", "tree"], backends=BACKENDS,
                   dtype_keys=["torch:float32", "torch:float64", "torch:bfloat16"],
                   magnitudes=[0.5, 1.0, 1.0, 1e-3, 8.0, 1e20], wild=False, grad=True),
        double=st.booleans())

@@ -300,6 +300,9 @@ def test_fast_exact_paths_gradcheck(spec, causal):
         return ta.attention(xs[0], xs[1:1 + nk], xs[1 + nk:], spec=spec, backend="exact", causal=causal)
 
     assert torch.autograd.gradcheck(f, leaves)
+    # double backward (create_graph=True): the tree and triangle paths recompute densely with a graph
+    small = [x[..., :3, :].detach().requires_grad_(True) for x in leaves]
+    assert torch.autograd.gradgradcheck(f, small)
 
 
 def test_triangle_rows_whose_normalizer_underflows_stay_exact():

@@ -25,7 +25,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from ..inputs import Operands, expand_operand, term_operands
 
@@ -161,6 +160,44 @@ def _backward(xq, xk, vk, bias, scale, causal, off, bq, bk, out, lse, d_out, d_l
     return dq, dk, dv, db
 
 
+def _dense_softmax(s: torch.Tensor, dims: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weights, lse) over ``dims`` with plain differentiable ops; a row with every score -inf gets
+    weights 0 and lse -inf."""
+    lse = torch.logsumexp(s, dim=dims)
+    shift = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    return torch.exp(s - shift.reshape(*shift.shape, *([1] * len(dims)))), lse
+
+
+def _create_graph_grads(forward, inputs: list, d_outs: list) -> list:
+    """Gradients of ``forward(*inputs)`` (a tuple of outputs) that autograd can differentiate again
+    (``backward(create_graph=True)``, gradient penalties): the forward is recomputed densely with a
+    full graph, so this path holds every weight (memory O(n * key tuples), unlike the streaming one)."""
+    leaves = inputs
+    with torch.enable_grad():
+        outs = forward(*leaves)
+        wanted = [t for t in leaves if t is not None and t.requires_grad]
+        pairs = [(o, g) for o, g in zip(outs, d_outs) if g is not None]
+        grads = iter(torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs], create_graph=True,
+                                         allow_unused=True) if wanted and pairs else ())
+    result = []
+    for t in leaves:
+        g = next(grads) if t is not None and t.requires_grad and pairs else None
+        result.append(None if t is None else (torch.zeros_like(t) if g is None else g))
+    return result
+
+
+def _dense_edge(xq, xk, vk, bias, scale, causal, off):
+    s = scale * (xq @ xk.transpose(1, 2))
+    if bias is not None:
+        s = s + bias[:, None, :]
+    if causal:
+        qi = torch.arange(xq.shape[1], device=xq.device)
+        kj = torch.arange(xk.shape[1], device=xq.device)
+        s = s.masked_fill(kj[None, :] > qi[:, None] + off, float("-inf"))
+    p, lse = _dense_softmax(s, (-1,))
+    return p @ vk, lse
+
+
 class _BiasedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, xq, xk, vk, bias, scale, causal, off, bq, bk):
@@ -170,10 +207,14 @@ class _BiasedAttention(torch.autograd.Function):
         return out, lse
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, d_out, d_lse):
         xq, xk, vk, bias, out, lse = ctx.saved_tensors
         scale, causal, off, bq, bk = ctx.cfg
+        if torch.is_grad_enabled():  # create_graph=True: the gradient itself must be differentiable
+            d_lse = None if d_lse is None else torch.where(torch.isfinite(lse), d_lse, torch.zeros_like(d_lse))
+            grads = _create_graph_grads(lambda a, b, c, d: _dense_edge(a, b, c, d, scale, causal, off),
+                                        [xq, xk, vk, bias], [d_out, d_lse])
+            return (*grads, None, None, None, None, None)
         if d_out is None:
             d_out = torch.zeros_like(out)
         if d_lse is None:
@@ -639,6 +680,19 @@ def _augment(v: torch.Tensor) -> torch.Tensor:
     return torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)
 
 
+def _dense_triangle(qa, qc, k1a, k1b, k2b, k2c, v1, v2, cfg):
+    """out, lse of the triangle with every score (Z, n, m1, m2) held (the double-backward path)."""
+    s = ((qa @ k1a.transpose(1, 2))[:, :, :, None] + (k1b @ k2b.transpose(1, 2))[:, None]
+         + (qc @ k2c.transpose(1, 2))[:, :, None, :])
+    if cfg.causal:
+        qi = torch.arange(qa.shape[1], device=qa.device)[:, None, None]
+        j = torch.arange(k1a.shape[1], device=qa.device)[None, :, None]
+        k = torch.arange(k2c.shape[1], device=qa.device)[None, None, :]
+        s = s.masked_fill((j > qi + cfg.off) | (k > qi + cfg.off), float("-inf"))
+    p, lse = _dense_softmax(s, (-2, -1))
+    return torch.einsum("zijk,zje,zke->zie", p, v1, v2), lse
+
+
 class _Triangle(torch.autograd.Function):
     @staticmethod
     def forward(ctx, qa, qc, k1a, k1b, k2b, k2c, v1, v2, cfg):
@@ -652,11 +706,15 @@ class _Triangle(torch.autograd.Function):
         return out, lse
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, d_out, d_lse):
         qa, qc, k1a, k1b, k2b, k2c, v1, v2, out, lse, alpha, gamma, beta, den, tier = ctx.saved_tensors
-        t = _Tri(qa, qc, k1a, k1b, k2b, k2c)
         cfg = ctx.cfg
+        if torch.is_grad_enabled():  # create_graph=True: the gradient itself must be differentiable
+            d_lse = None if d_lse is None else torch.where(torch.isfinite(lse), d_lse, torch.zeros_like(d_lse))
+            grads = _create_graph_grads(lambda *xs: _dense_triangle(*xs, cfg), [qa, qc, k1a, k1b, k2b, k2c, v1, v2],
+                                        [d_out, d_lse])
+            return (*grads, None)
+        t = _Tri(qa, qc, k1a, k1b, k2b, k2c)
         kmax, bi, bj = ctx.stats_meta
         Z, n, _ = qa.shape
         d_out = torch.zeros_like(out) if d_out is None else d_out
