@@ -1,5 +1,6 @@
-"""Speed where users feel it: per-call cost, causal poly, the FFT path and the fused feature pass,
-each as a ratio measured in one run (the targets of docs/design.md#performance-targets).
+"""Speed targets: per-call cost, causal poly, the FFT path and the fused feature pass, as ratios from one run.
+
+The targets are those of docs/design.md#performance-targets.
 
 Run:  python benchmarks/speed_targets.py [--threads 1] [--repeats 7] [--out benchmarks/latest/speed_targets]
 
