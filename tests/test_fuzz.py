@@ -312,13 +312,8 @@ def attention_call(case: Case, **extra):
                 return_info=True, **case.options, **extra)
 
 
-# ------------------------------------------------------------------------------------- attention
-
-@given(case=cases())
-def test_attention(case: Case):
-    """P1-P4 for ta.attention over every spec, backend, dtype and shape."""
-    count("test_attention")
-    note(case.describe())
+def check_attention(case: Case) -> None:
+    """P1 (inside ``call``), then P4, P2 and P3 on the result when the call succeeded."""
     status, res = attention_call(case)
     if status != "ok":
         return
@@ -326,6 +321,16 @@ def test_attention(case: Case):
     check_output(case, out)
     check_finite_output(case, out)
     check_certificate(case, out, info)
+
+
+# ------------------------------------------------------------------------------------- attention
+
+@given(case=cases())
+def test_attention(case: Case):
+    """P1-P4 for ta.attention over every spec, backend, dtype and shape."""
+    count("test_attention")
+    note(case.describe())
+    check_attention(case)
 
 
 HALF_AND_FLOAT = ["np:float16", "np:float32", "np:float64", "torch:float16", "torch:bfloat16", "torch:float32",
@@ -339,13 +344,7 @@ def test_certificate_every_dtype(case: Case):
     count("test_certificate_every_dtype")
     note(case.describe())
     case.options["on_unbounded"] = "ignore"
-    status, res = attention_call(case)
-    if status != "ok":
-        return
-    out, info = res
-    check_output(case, out)
-    check_finite_output(case, out)
-    check_certificate(case, out, info)
+    check_attention(case)
 
 
 @given(case=cases(specs=["pairwise", "triple", "rope", "relative", "bilinear3", "strassen", "tree"], backends=BACKENDS,
