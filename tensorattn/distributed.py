@@ -431,7 +431,7 @@ class _SumOfLowerRanks(torch.autograd.Function):
 def _poly(plan, ops: Operands, comm: _Comm, layout: ShardLayout) -> torch.Tensor:
     """Factorized attention with the key statistics summed over ranks; autograd differentiates the
     local engine and the two reductions above carry the gradients of the statistics across ranks."""
-    engine = polynomial_engine(plan, ops)
+    engine = polynomial_engine(plan, ops, factorized=True)  # the key states are summed across ranks
     nk = ops.order - 1
     states = [engine.key_state(s) for s in range(nk)]  # (Z, r, e_m + 1) each
     flat = torch.cat([s.reshape(-1) for s in states])

@@ -454,10 +454,10 @@ def prepare(spec: Spec, q, k, v, request: Request, spec_options: dict[str, Any] 
 
     qf, kfs, vfs = flat(qt), [flat(t) for t in kts], [flat(t) for t in vts]
     k_offsets = tuple(int(o) for o in k_offsets) if any(k_offsets) else ()
-    q_pos = torch.arange(n, device=device) + q_offset
-    k_pos = [torch.arange(m, device=device) + (k_offsets[s] if k_offsets else 0) for s, m in enumerate(ms)]
     rel = None
     if spec.positional == "rope":
+        q_pos = torch.arange(n, device=device) + q_offset
+        k_pos = [torch.arange(m, device=device) + (k_offsets[s] if k_offsets else 0) for s, m in enumerate(ms)]
         qf, kfs = positional.rotate(qf, kfs, q_pos, k_pos, options)
     elif spec.positional == "relative":
         W = options.get("rel")

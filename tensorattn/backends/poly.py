@@ -66,7 +66,8 @@ class FactorizedAttention:
     key_features: FeatureFn
     rank: int
     budget_elems: int
-    #: per-feature query weights folded into the combined statistics (r,), or None
+    #: per-feature query weights folded into the combined statistics (r,), or None; or built on
+    #: first use by ``weights_fn`` (the direct form never needs them)
     query_weights: torch.Tensor | None = None
     #: per key slot, the key mask as weights 0/1 (Z, m), or None
     key_weights: list[torch.Tensor | None] | None = None
@@ -77,6 +78,7 @@ class FactorizedAttention:
     score_kernel: Callable | None = None
     #: evaluate P from the scores (the plan's direct form) instead of through the features
     direct: bool = False
+    weights_fn: Callable[[], torch.Tensor] | None = None
 
     @classmethod
     def from_ops(cls, ops: Operands, query_features: FeatureFn, key_features: FeatureFn, rank: int,
@@ -102,6 +104,12 @@ class FactorizedAttention:
         ve = self.ops.spec.value_einsum
         r = next(c for c in string.ascii_letters if c not in ve.expr)
         return ",".join("..." + r + letters for letters in ve.value_letters) + "->..." + r + ve.out_letters
+
+    def weights(self) -> torch.Tensor | None:
+        """The query weights (r,), built by ``weights_fn`` on first use; None without."""
+        if self.query_weights is None and self.weights_fn is not None:
+            self.query_weights = self.weights_fn()
+        return self.query_weights
 
     def key_weight(self, slot: int) -> torch.Tensor | None:
         """The key mask of one slot as weights (Z, m), or None."""
@@ -164,8 +172,9 @@ class FactorizedAttention:
         for s in states[1:]:
             den = den * s[..., -1:]
         combined = torch.cat([num, den], dim=-1)
-        if self.query_weights is not None:
-            combined = combined * self.query_weights[:, None]
+        w = self.weights()
+        if w is not None:
+            combined = combined * w[:, None]
         return combined
 
     def apply_queries(self, combined: torch.Tensor) -> torch.Tensor:
@@ -218,16 +227,17 @@ class FactorizedAttention:
         return out.reshape(out.shape[0], self.ops.n, *self.ops.out_value_shape).to(self.ops.dtype)
 
 
-def polynomial_engine(plan, ops: Operands) -> FactorizedAttention:
-    """The factorized engine with the plan's certified polynomial features."""
+def polynomial_engine(plan, ops: Operands, factorized: bool = False) -> FactorizedAttention:
+    """The factorized engine with the plan's certified polynomial features. ``factorized=True``
+    keeps the feature path (key states, query weights) even where the plan picked the direct form:
+    for callers that combine key states themselves (the sequence-parallel frontend)."""
     cert = plan.certificate
     g = cert.degree
     dtype = _DTYPES[cert.feature_dtype]
     coeffs = get_approximant(plan.approximant).coefficients(float(plan.beta), g)
     divisors = plan.unit_divisors
     scale = ops.scale * math.prod(divisors)  # the operands are divided by the divisors
-    direct = plan.poly_form == "direct" and cert.direct_ok
-    w = torch.as_tensor(query_weights(coeffs, scale, ops.D, g), dtype=dtype, device=ops.q.device)
+    direct = plan.poly_form == "direct" and cert.direct_ok and not factorized
     engine = FactorizedAttention.from_ops(
         ops,
         query_features=lambda x: feature_map(x, g),
@@ -235,9 +245,11 @@ def polynomial_engine(plan, ops: Operands) -> FactorizedAttention:
         rank=cert.rank,
         dtype=dtype,
         budget_bytes=plan.request.memory_budget,
-        query_weights=w,
         divisors=divisors,
     )
+    # built when the feature path first needs them: the direct form evaluates P from the scores
+    engine.weights_fn = lambda: torch.as_tensor(query_weights(coeffs, scale, ops.D, g), dtype=dtype,
+                                                device=ops.q.device)
     if cert.direct_ok:  # P from the scores stays within the certified roundoff
         engine.score_kernel = polynomial_score_kernel(coeffs, scale)
         engine.direct = direct

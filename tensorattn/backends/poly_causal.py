@@ -227,7 +227,7 @@ def causal_factorized(eng, initial: list[torch.Tensor] | None = None, key_offset
     kinfo = (Dq, getattr(kernel, "degree", 8)) if kernel is not None else None
     b = block or choose_block(n, r, widths, E + 1, terms, kinfo)
     sched = _schedule(terms, b, nk, kernel is not None)
-    w = eng.query_weights
+    w = eng.weights()
     identity = nk == 1 and letters[0] == out_letters  # pairwise with the plain value einsum
 
     # keys before the first query position are visible to every query: (Z, r, w_s) states
