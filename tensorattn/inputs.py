@@ -175,11 +175,11 @@ def _check_float(t: torch.Tensor, name: str) -> None:
 
 
 def check_finite(t: torch.Tensor, name: str) -> None:
-    with torch.no_grad():  # a check, not part of the graph autograd keeps
-        # one reduction: max |entry| is finite iff every entry is (NaN propagates through it)
-        if t.numel() == 0 or math.isfinite(float(torch.linalg.vector_norm(t, ord=math.inf))):
-            return
-        finite = torch.isfinite(t)
+    t = t.detach()  # a check, not part of the graph autograd keeps
+    # one reduction: max |entry| is finite iff every entry is (NaN propagates through it)
+    if t.numel() == 0 or math.isfinite(float(torch.linalg.vector_norm(t, ord=math.inf))):
+        return
+    finite = torch.isfinite(t)
     if not bool(finite.all()):
         bad = (~finite).nonzero()
         first = tuple(int(i) for i in bad[0])
@@ -450,7 +450,8 @@ def prepare(spec: Spec, q, k, v, request: Request, spec_options: dict[str, Any] 
                                                     device)
 
     def flat(t: torch.Tensor) -> torch.Tensor:
-        return t.reshape(Z, *t.shape[len(lead):]).to(compute)
+        t = t.reshape(Z, *t.shape[len(lead):])
+        return t if t.dtype == compute else t.to(compute)
 
     qf, kfs, vfs = flat(qt), [flat(t) for t in kts], [flat(t) for t in vts]
     k_offsets = tuple(int(o) for o in k_offsets) if any(k_offsets) else ()
