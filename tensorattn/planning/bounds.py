@@ -140,11 +140,11 @@ def problem_for(ops: Operands, request: Request, *, maxima: OperandMaxima | None
                 ms: tuple[int, ...] | None = None) -> Problem:
     """The Problem of a call on ``ops``. A sequence-parallel caller passes the global ``maxima``,
     ``n`` and ``ms``, so that every shard plans the whole sequence and picks the same degree."""
-    own = operand_maxima(ops) if maxima is None else None
-    stats = input_stats(ops, maxima if own is None else own)
+    mx = operand_maxima(ops) if maxima is None else maxima
+    stats = input_stats(ops, mx)
     support = None
-    if ops.rel is not None:  # this call's own W: its norm is in ``own`` (the same float64 SVD)
-        support = relative_support(ops.rel, ops.D, wnorm=own.wnorm if own is not None else None)
+    if ops.rel is not None:  # max ||W_t|| is in the maxima already (the same float64 SVD; every shard has all of W)
+        support = relative_support(ops.rel, ops.D, wnorm=mx.wnorm)
     need_grad = request.need_grad if request.need_grad is not None else ops.tracks_grad
     return Problem(
         spec=ops.spec, n=ops.n if n is None else n, ms=ops.ms if ms is None else ms, D=ops.D,
