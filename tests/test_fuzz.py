@@ -147,6 +147,7 @@ class Case:
     keys: dict  # operand -> dtype key
     options: dict
     arrays: dict = field(default_factory=dict)
+    masks: dict = field(default_factory=dict)  # key_padding_mask / attn_mask, as passed
 
     def args(self):
         nk = len(self.ms)
@@ -161,6 +162,8 @@ class Case:
         shapes = {k: tuple(np.shape(v)) if not isinstance(v, torch.Tensor) else tuple(v.shape)
                   for k, v in self.arrays.items()}
         opts = {k: ("<W>" if k == "rel" else v) for k, v in self.options.items()}
+        opts.update({k: f"<{type(v).__name__} {tuple(np.shape(v))} {getattr(v, 'dtype', '')}>"
+                     for k, v in self.masks.items()})
         return f"{self.spec} backend={self.backend} causal={self.causal} shapes={shapes} dtypes={self.keys} {opts}"
 
 
@@ -258,6 +261,9 @@ def reference(case: Case) -> np.ndarray:
         kw.update(rope_base=case.options["rope_base"], rope_layout=case.options["rope_layout"])
     if case.spec == "relative":
         kw.update(rel=to64(case.arrays["rel"]), alibi_slope=case.options.get("alibi_slope"))
+    for name, mask in case.masks.items():
+        m = mask.detach().cpu().numpy() if isinstance(mask, torch.Tensor) else np.asarray(mask)
+        kw[name] = m if m.dtype == bool else m.astype(np.float64)
     with quiet():
         return reference_attention(q, ks[0] if nk == 1 else ks, vs[0] if nk == 1 else vs, **kw)
 
@@ -309,7 +315,7 @@ def check_certificate(case: Case, out, info) -> None:
 def attention_call(case: Case, **extra):
     q, k, v = case.args()
     return call(ta.attention, q, k, v, spec=get_spec(case.spec), backend=case.backend, causal=case.causal,
-                return_info=True, **case.options, **extra)
+                return_info=True, **case.options, **case.masks, **extra)
 
 
 def check_attention(case: Case) -> None:
@@ -321,6 +327,34 @@ def check_attention(case: Case) -> None:
     check_output(case, out)
     check_finite_output(case, out)
     check_certificate(case, out, info)
+
+
+@st.composite
+def masked_cases(draw):
+    """A valid call (moderate values, every float dtype) with a key padding mask and/or an attention
+    mask: bool or float, rows with every key masked, causal masks given as masks, general masks."""
+    case = draw(cases(specs=["pairwise", "triple", "rope", "relative", "strassen", "tree", "star"],
+                      backends=["exact", "poly", "auto"], dtype_keys=HALF_AND_FLOAT, wild=False,
+                      magnitudes=[0.25, 0.5, 1.0]))
+    rng = np.random.default_rng(draw(st.integers(0, 2**31 - 1)))
+    m, n, lead = case.ms[0], case.n, case.lead
+    torch_in = isinstance(case.arrays["q"], torch.Tensor)
+    wrap = (lambda a: torch.from_numpy(a)) if torch_in else (lambda a: a)
+    kinds = draw(st.sets(st.sampled_from(["kpm_bool", "kpm_float", "attn_causal", "attn_general"]), min_size=1,
+                         max_size=2))
+    if len(set(case.ms)) == 1 and "kpm_bool" in kinds:
+        kpm = rng.random((*lead, m)) < draw(st.sampled_from([0.0, 0.3, 0.7, 1.0]))
+        case.masks["key_padding_mask"] = wrap(kpm)
+    elif len(set(case.ms)) == 1 and "kpm_float" in kinds:
+        bias = rng.uniform(-2.0, 1.0, (*lead, m))
+        bias[rng.random(bias.shape) < 0.3] = -np.inf
+        case.masks["key_padding_mask"] = wrap(bias)
+    if len(case.ms) == 1 and not case.causal and "q_offset" not in case.options:
+        if "attn_causal" in kinds and n == m:
+            case.masks["attn_mask"] = wrap(np.triu(np.ones((n, m), bool), 1))  # runs as causal=True
+        elif "attn_general" in kinds:
+            case.masks["attn_mask"] = wrap(rng.random((n, m)) < 0.4)
+    return case
 
 
 # ------------------------------------------------------------------------------------- attention
@@ -335,6 +369,16 @@ def test_attention(case: Case):
 
 HALF_AND_FLOAT = ["np:float16", "np:float32", "np:float64", "torch:float16", "torch:bfloat16", "torch:float32",
                   "torch:float64"]
+
+
+@given(case=masked_cases())
+def test_masks(case: Case):
+    """P1-P4 with key padding and attention masks (the float64 reference applies the same masks;
+    a row with every key masked is 0 there, and must be here, within the bound)."""
+    count("test_masks")
+    note(case.describe())
+    case.options["on_unbounded"] = "ignore"
+    check_attention(case)
 
 
 @given(case=cases(backends=["exact", "poly", "auto"], dtype_keys=HALF_AND_FLOAT, wild=False,
