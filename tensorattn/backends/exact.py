@@ -21,7 +21,7 @@ from ..planning.cost import exact_key_blocks
 from ..positional import alibi_bias, nearest_key_distance, relative_offsets
 from ..registry import Backend
 from ..spec import Spec
-from .structured import tree_exact, triangle_exact
+from .structured import create_graph_grads, tree_exact, triangle_exact
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -239,7 +239,12 @@ class ExactAttentionFunction(torch.autograd.Function):
         q, keys, values = saved[0], list(saved[1: 1 + nk]), list(saved[1 + nk: 1 + 2 * nk])
         rel = saved[1 + 2 * nk] if ctx.has_rel else None
         if torch.is_grad_enabled():  # create_graph=True: the gradient itself must be differentiable
-            return (None, None, *_differentiable_backward(engine, q, keys, values, rel, d_out))
+            def forward(q_, *rest):
+                return (stream_forward(engine, q_, list(rest[:nk]), list(rest[nk: 2 * nk]),
+                                       rest[2 * nk] if rel is not None else None)[0],)
+
+            inputs = [q, *keys, *values] + ([rel] if rel is not None else [])
+            return (None, None, *create_graph_grads(forward, inputs, [d_out]))
         out, lse = saved[-2], saved[-1]
         vdims = tuple(range(2, out.ndim))
         delta = (d_out * out).sum(dim=vdims) if vdims else d_out * out  # D_i = <dO_i, out_i>
@@ -249,21 +254,6 @@ class ExactAttentionFunction(torch.autograd.Function):
         drel = torch.zeros_like(rel) if rel is not None else None
         stream_backward(engine, q, keys, values, rel, d_out, lse, delta, dq, dks, dvs, drel)
         return (None, None, dq, *dks, *dvs, *([drel] if rel is not None else []))
-
-
-def _differentiable_backward(engine: TileEngine, q, keys, values, rel, d_out) -> list:
-    """Gradients w.r.t. (q, keys, values, rel) that autograd can differentiate again (double
-    backward, e.g. gradient penalties): the forward is recomputed with a full graph, so this path
-    keeps every tile's weights alive (memory O(n * key tuples), unlike the streaming backward)."""
-    inputs = [q, *keys, *values] + ([rel] if rel is not None else [])
-    wanted = [t for t in inputs if t.requires_grad]
-    grads = iter(torch.autograd.grad(stream_forward(engine, q, keys, values, rel)[0], wanted, d_out,
-                                     create_graph=True, allow_unused=True) if wanted else ())
-    out = []
-    for t in inputs:
-        g = next(grads) if t.requires_grad else None
-        out.append(torch.zeros_like(t) if g is None else g)
-    return out
 
 
 def dense_weights(engine: TileEngine, q, keys, values, rel) -> torch.Tensor:

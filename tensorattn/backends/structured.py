@@ -168,19 +168,19 @@ def _dense_softmax(s: torch.Tensor, dims: tuple[int, ...]) -> tuple[torch.Tensor
     return torch.exp(s - shift.reshape(*shift.shape, *([1] * len(dims)))), lse
 
 
-def _create_graph_grads(forward, inputs: list, d_outs: list) -> list:
+def create_graph_grads(forward, inputs: list, d_outs: list) -> list:
     """Gradients of ``forward(*inputs)`` (a tuple of outputs) that autograd can differentiate again
-    (``backward(create_graph=True)``, gradient penalties): the forward is recomputed densely with a
-    full graph, so this path holds every weight (memory O(n * key tuples), unlike the streaming one)."""
-    leaves = inputs
+    (``backward(create_graph=True)``, gradient penalties): the forward is recomputed with a full
+    graph, so this path holds every weight (memory O(n * key tuples), unlike the streaming backwards).
+    One entry per input: None for a None input, zeros where it gets no gradient."""
     with torch.enable_grad():
-        outs = forward(*leaves)
-        wanted = [t for t in leaves if t is not None and t.requires_grad]
+        outs = forward(*inputs)
+        wanted = [t for t in inputs if t is not None and t.requires_grad]
         pairs = [(o, g) for o, g in zip(outs, d_outs) if g is not None]
         grads = iter(torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs], create_graph=True,
                                          allow_unused=True) if wanted and pairs else ())
     result = []
-    for t in leaves:
+    for t in inputs:
         g = next(grads) if t is not None and t.requires_grad and pairs else None
         result.append(None if t is None else (torch.zeros_like(t) if g is None else g))
     return result
@@ -212,7 +212,7 @@ class _BiasedAttention(torch.autograd.Function):
         scale, causal, off, bq, bk = ctx.cfg
         if torch.is_grad_enabled():  # create_graph=True: the gradient itself must be differentiable
             d_lse = None if d_lse is None else torch.where(torch.isfinite(lse), d_lse, torch.zeros_like(d_lse))
-            grads = _create_graph_grads(lambda a, b, c, d: _dense_edge(a, b, c, d, scale, causal, off),
+            grads = create_graph_grads(lambda a, b, c, d: _dense_edge(a, b, c, d, scale, causal, off),
                                         [xq, xk, vk, bias], [d_out, d_lse])
             return (*grads, None, None, None, None, None)
         if d_out is None:
@@ -711,7 +711,7 @@ class _Triangle(torch.autograd.Function):
         cfg = ctx.cfg
         if torch.is_grad_enabled():  # create_graph=True: the gradient itself must be differentiable
             d_lse = None if d_lse is None else torch.where(torch.isfinite(lse), d_lse, torch.zeros_like(d_lse))
-            grads = _create_graph_grads(lambda *xs: _dense_triangle(*xs, cfg), [qa, qc, k1a, k1b, k2b, k2c, v1, v2],
+            grads = create_graph_grads(lambda *xs: _dense_triangle(*xs, cfg), [qa, qc, k1a, k1b, k2b, k2c, v1, v2],
                                         [d_out, d_lse])
             return (*grads, None)
         t = _Tri(qa, qc, k1a, k1b, k2b, k2c)
