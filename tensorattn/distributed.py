@@ -40,7 +40,7 @@ import torch
 import torch.distributed as dist
 
 from .api import AttentionInfo
-from .backends.exact import TileEngine, stream_backward, stream_forward
+from .backends.exact import TileEngine, backward_buffers, stream_backward, stream_forward
 from .backends.poly import polynomial_engine
 from .errors import InputError
 from .inputs import Operands, check_finite, prepare
@@ -628,12 +628,7 @@ class _ExactRing:
 
     def backward(self, q, keys, values, rel, out, lse, d_out, key_grads: bool):
         """dq, dK, dV (and dW) of this rank's shards: each tile recomputed from the global lse."""
-        vdims = tuple(range(2, out.ndim))
-        delta = (d_out * out).sum(dim=vdims) if vdims else d_out * out  # D_i = <dO_i, out_i>
-        dq = torch.zeros_like(q)
-        dks = [torch.zeros_like(k) for k in keys]
-        dvs = [torch.zeros_like(v) for v in values]
-        drel = torch.zeros_like(rel) if rel is not None else None
+        delta, dq, dks, dvs, drel = backward_buffers(q, keys, values, rel, out, d_out)
 
         def leaf(chosen):
             block, engine = self._block(chosen)

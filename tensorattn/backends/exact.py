@@ -219,6 +219,15 @@ def stream_backward(engine: TileEngine, q, keys, values, rel, d_out, lse, delta,
                 drel += grads[-1]
 
 
+def backward_buffers(q, keys, values, rel, out, d_out):
+    """What a recomputing backward starts from: D_i = <dO_i, out_i> and zeroed gradients of q,
+    the keys, the values and W (None without)."""
+    vdims = tuple(range(2, out.ndim))
+    delta = (d_out * out).sum(dim=vdims) if vdims else d_out * out
+    return (delta, torch.zeros_like(q), [torch.zeros_like(k) for k in keys], [torch.zeros_like(v) for v in values],
+            torch.zeros_like(rel) if rel is not None else None)
+
+
 class ExactAttentionFunction(torch.autograd.Function):
     """Exact attention with a recomputing backward (memory O(n * block) in training too)."""
 
@@ -246,12 +255,7 @@ class ExactAttentionFunction(torch.autograd.Function):
             inputs = [q, *keys, *values] + ([rel] if rel is not None else [])
             return (None, None, *create_graph_grads(forward, inputs, [d_out]))
         out, lse = saved[-2], saved[-1]
-        vdims = tuple(range(2, out.ndim))
-        delta = (d_out * out).sum(dim=vdims) if vdims else d_out * out  # D_i = <dO_i, out_i>
-        dq = torch.zeros_like(q)
-        dks = [torch.zeros_like(k) for k in keys]
-        dvs = [torch.zeros_like(v) for v in values]
-        drel = torch.zeros_like(rel) if rel is not None else None
+        delta, dq, dks, dvs, drel = backward_buffers(q, keys, values, rel, out, d_out)
         stream_backward(engine, q, keys, values, rel, d_out, lse, delta, dq, dks, dvs, drel)
         return (None, None, dq, *dks, *dvs, *([drel] if rel is not None else []))
 
