@@ -445,15 +445,8 @@ def _gemm_forward(t: _Tri, pos, v1a, v2a, cfg: _Cfg):
     F = _Factors(t, pos, cfg, stats)
     num = t.qa.new_zeros(Z, R, E)
     v1t, v2t = v1a.transpose(1, 2), v2a.transpose(1, 2)  # (Z, E, n)
-    for r0 in range(0, R, bi):
-        r1 = min(R, r0 + bi)
+    for r0, r1, jI, kI, _, W in _row_blocks(t, pos, cfg, F, v2t, bi):
         b = r1 - r0
-        p_last = int(pos[r1 - 1])
-        jI, kI = _vis(p_last, n1, cfg), _vis(p_last, n2, cfg)
-        if jI == 0 or kI == 0:
-            continue
-        Zf = F.Z_block(r0, r1, kI)  # (Z, b, kI)
-        W = (Zf[:, :, None, :] * v2t[:, None, :, :kI]).reshape(Z, b * E, kI)
         acc = num[:, r0:r1]
         for c0 in range(0, jI, bj):
             c1 = min(jI, c0 + bj)
@@ -462,6 +455,23 @@ def _gemm_forward(t: _Tri, pos, v1a, v2a, cfg: _Cfg):
             T.mul_(v1t[:, None, :, c0:c1])
             acc += torch.matmul(T, X[..., None])[..., 0]  # acc is a view of num
     return num, stats
+
+
+def _row_blocks(t: _Tri, pos, cfg: _Cfg, F, v2t, bi: int):
+    """Blocks of bi rows that see some (j, k): (r0, r1, jI, kI, Zf, W), jI / kI the visible keys of
+    the block's last row, Zf the Z-factors (Z, b, kI) and W = Zf times the augmented v2, laid out
+    (Z, b * E, kI)."""
+    Z, R, _ = t.qa.shape
+    _, n1, n2 = t.sizes
+    E = v2t.shape[1]
+    for r0 in range(0, R, bi):
+        r1 = min(R, r0 + bi)
+        p_last = int(pos[r1 - 1])
+        jI, kI = _vis(p_last, n1, cfg), _vis(p_last, n2, cfg)
+        if jI == 0 or kI == 0:
+            continue
+        Zf = F.Z_block(r0, r1, kI)  # (Z, b, kI)
+        yield r0, r1, jI, kI, Zf, (Zf[:, :, None, :] * v2t[:, None, :, :kI]).reshape(Z, (r1 - r0) * E, kI)
 
 
 def _gemm_backward(t: _Tri, pos, v1a, v2a, cfg: _Cfg, stats, inv_den, dOa):
@@ -486,16 +496,9 @@ def _gemm_backward(t: _Tri, pos, v1a, v2a, cfg: _Cfg, stats, inv_den, dOa):
         return F.X_block(r0, r1, c0, c1).mul_(inv_den[:, r0:r1, None])
 
     # pass 1: rows outside, j blocks inside -> G^a (qa, k1a, dv1) and G^c (qc, k2c, dv2)
-    for r0 in range(0, R, bi):
-        r1 = min(R, r0 + bi)
+    for r0, r1, jI, kI, Zf, W in _row_blocks(t, pos, cfg, F, v2t, bi):
         b = r1 - r0
-        p_last = int(pos[r1 - 1])
-        jI, kI = _vis(p_last, n1, cfg), _vis(p_last, n2, cfg)
-        if jI == 0 or kI == 0:
-            continue
         dOI, dOaI = dO[:, r0:r1], dOa[:, r0:r1]
-        Zf = F.Z_block(r0, r1, kI)
-        W = (Zf[:, :, None, :] * v2t[:, None, :, :kI]).reshape(Z, b * E, kI)
         Racc = t.qa.new_zeros(Z, b * E, kI)
         for c0 in range(0, jI, bj):
             c1 = min(jI, c0 + bj)
