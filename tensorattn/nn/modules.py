@@ -400,19 +400,24 @@ class MultiheadTensorAttention(_SpecModule):
         N, L = x.shape[:2]
         return x.reshape(N, L, self.num_heads, self.head_dim).transpose(1, 2)
 
+    def _per_slot(self, mask, name: str, slots: int, one: str) -> tuple[list, bool]:
+        """The masks to convert and whether there is one per key slot (a sequence, for order > 2)."""
+        per_slot = slots > 1 and isinstance(mask, (list, tuple))
+        if per_slot and len(mask) != slots:
+            raise InputError(
+                f"{name} is a sequence of {len(mask)} masks but spec {self.spec.name!r} has {slots} key slots; "
+                f"pass {one} or one per slot"
+            )
+        return (list(mask) if per_slot else [mask]), per_slot
+
     def _key_padding(self, mask, unbatched: bool, slots: int):
         """torch's (N, S) key padding mask (or (S,) unbatched), per slot, as (N, 1, S): one row per
         batch element, shared by the heads."""
         if mask is None:
             return None
-        per_slot = slots > 1 and isinstance(mask, (list, tuple))
-        if per_slot and len(mask) != slots:
-            raise InputError(
-                f"key_padding_mask is a sequence of {len(mask)} masks but spec {self.spec.name!r} has {slots} "
-                "key slots; pass one mask (shared by every slot) or one per slot"
-            )
+        masks, per_slot = self._per_slot(mask, "key_padding_mask", slots, "one mask (shared by every slot)")
         out = []
-        for t in (mask if per_slot else [mask]):
+        for t in masks:
             if t is None:
                 out.append(None)
                 continue
@@ -431,14 +436,9 @@ class MultiheadTensorAttention(_SpecModule):
         spec applies it to every key slot (a key tuple is masked when any of its keys is)."""
         if mask is None:
             return None
-        per_slot = slots > 1 and isinstance(mask, (list, tuple))
-        if per_slot and len(mask) != slots:
-            raise InputError(
-                f"attn_mask is a sequence of {len(mask)} masks but spec {self.spec.name!r} has {slots} key "
-                "slots; pass one (L, S) mask (applied to every slot) or one per slot"
-            )
+        masks, per_slot = self._per_slot(mask, "attn_mask", slots, "one (L, S) mask (applied to every slot)")
         out = []
-        for t in (mask if per_slot else [mask]):
+        for t in masks:
             if not isinstance(t, torch.Tensor) or t.dim() not in (2, 3):
                 shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
                 raise InputError(
