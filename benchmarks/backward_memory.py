@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 import time
 
 import numpy as np
 import torch
 
 import tensorattn as ta
+from tensorattn.bench.measure import in_fresh_process
 from tensorattn.bench.measure import process_peak_rss_mib as peak_rss_mib
 
 
@@ -81,9 +80,7 @@ def main() -> None:
                 nk = 1 if spec == "pairwise" else 2
                 if impl == "naive" and n ** (nk + 1) * 4 / 2**20 > naive_limit_mib:
                     continue
-                res = subprocess.run([sys.executable, __file__, "--d", str(args.d), "--child", spec, impl, str(n)],
-                                     capture_output=True, text=True, check=True)
-                rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
+                rows.append(in_fresh_process(__file__, "--d", args.d, "--child", spec, impl, n))
                 print(json.dumps(rows[-1]), flush=True)
     print("\n| spec | impl | n | peak RSS growth (MiB) | dense scores (MiB) | inputs (MiB) | seconds |")
     print("|---|---|---|---|---|---|---|")

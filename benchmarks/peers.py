@@ -31,7 +31,6 @@ import json
 import math
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -40,7 +39,7 @@ import numpy as np
 import torch
 
 import tensorattn as ta
-from tensorattn.bench.measure import PeakMemory, interleaved, load_average
+from tensorattn.bench.measure import PeakMemory, in_fresh_process, interleaved, load_average
 
 HERE = Path(__file__).resolve().parent
 # this folder's poly_attention.py would shadow the peer package of the same name
@@ -116,10 +115,8 @@ def child(spec: str, impl: str, n: int, d: int) -> dict:
                 finite=bool(torch.isfinite(out).all()))
 
 
-def in_fresh_process(spec: str, impl: str, n: int, d: int) -> dict:
-    res = subprocess.run([sys.executable, __file__, "--child", spec, impl, str(n), str(d)], capture_output=True,
-                         text=True, check=True)
-    return json.loads(res.stdout.strip().splitlines()[-1])
+def child_in_fresh_process(spec: str, impl: str, n: int, d: int) -> dict:
+    return in_fresh_process(__file__, "--child", spec, impl, n, d)
 
 
 def reference_rows(spec: str, q, k, values, scale: float, rows: int) -> torch.Tensor:
@@ -154,7 +151,7 @@ def side_by_side(spec: str, n: int, cfg: dict) -> dict:
         row[f"{name}_median_s"] = t.median
         row[f"{name}_cpu_s"] = t.cpu_median
     for impl in ("exact", "poly", "theirs"):
-        row[f"{impl}_peak_mib"] = in_fresh_process(spec, impl, n, d)["peak_growth_mib"]
+        row[f"{impl}_peak_mib"] = child_in_fresh_process(spec, impl, n, d)["peak_growth_mib"]
     return row
 
 

@@ -24,8 +24,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -34,7 +32,7 @@ import torch
 
 import tensorattn as ta
 from tensorattn.bench.experiments import profile_poly, term_phase_plans
-from tensorattn.bench.measure import PeakMemory, interleaved, load_average
+from tensorattn.bench.measure import PeakMemory, in_fresh_process, interleaved, load_average
 from tensorattn.bench.measure import process_peak_rss_mib as peak_rss_mib
 from tensorattn.bench.plots import term_phase
 from tensorattn.testing import random_inputs
@@ -113,10 +111,8 @@ def child(spec: str, backend: str, n: int, d: int) -> dict:
                 finite=bool(torch.isfinite(out).all()))
 
 
-def in_fresh_process(spec: str, backend: str, n: int, d: int) -> dict:
-    res = subprocess.run([sys.executable, __file__, "--child", spec, backend, str(n), str(d)],
-                         capture_output=True, text=True, check=True)
-    return json.loads(res.stdout.strip().splitlines()[-1])
+def child_in_fresh_process(spec: str, backend: str, n: int, d: int) -> dict:
+    return in_fresh_process(__file__, "--child", spec, backend, n, d)
 
 
 # ---- time against n --------------------------------------------------------------------------------
@@ -150,7 +146,7 @@ def scaling(cfg: dict, log) -> list[dict]:
             for n in ns:
                 row = exact_vs_poly(spec, n, d, cfg)
                 for backend in ("exact", "poly"):
-                    mem = in_fresh_process(spec, backend, n, d)
+                    mem = child_in_fresh_process(spec, backend, n, d)
                     row[f"{backend}_peak_growth_mib"] = mem["peak_growth_mib"]
                     row[f"{backend}_peak_process_mib"] = mem["peak_process_mib"]
                 out.append(row)
@@ -186,7 +182,7 @@ def checks(cfg: dict, scaled: list[dict], log) -> dict:
     res: dict = {}
     # tree exact, d = 16: peak memory at the larger n in a fresh process; time per doubling of n
     n_small, n_big = cfg["tree16"]
-    mem = in_fresh_process("tree", "exact", n_big, 16)
+    mem = child_in_fresh_process("tree", "exact", n_big, 16)
     fns = {}
     for n in (n_small, n_big):
         q, k, v = make_inputs("tree", n, 16)

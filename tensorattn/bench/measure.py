@@ -6,10 +6,13 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import gc
+import json
 import math
 import os
 import re
 import statistics
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -208,6 +211,13 @@ def interleaved(fns: dict[str, Callable[[], object]], rounds: int, *, warmup: in
             break
     timings = {name: Timing(statistics.median(ts), tuple(ts), cpu_times=tuple(cpu[name])) for name, ts in times.items()}
     return timings, results
+
+
+def in_fresh_process(script: str, *args: object) -> dict:
+    """Run ``python script *args`` in a new interpreter (so its peak memory is its own) and return
+    the JSON object on the last line of its output; a failing child raises CalledProcessError."""
+    res = subprocess.run([sys.executable, script, *map(str, args)], capture_output=True, text=True, check=True)
+    return json.loads(res.stdout.strip().splitlines()[-1])
 
 
 def _release_free_memory() -> None:
