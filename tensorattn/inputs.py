@@ -52,6 +52,16 @@ class Operands:
     key_bias: tuple[torch.Tensor | None, ...] = ()
     #: a general mask (one bias per query and key tuple), read per tile by the exact backend
     attn_mask: masks.AttnMask | None = None
+    #: (array, max |entry|) of the arrays above whose maximum ``prepare`` measured while checking
+    #: them for NaN/Inf; the bounds reuse it for the very same array object (``known_max``)
+    maxabs: tuple[tuple[torch.Tensor, float], ...] = field(default=(), compare=False, repr=False)
+
+    def known_max(self, t: torch.Tensor) -> float | None:
+        """max |entry| of ``t`` when ``prepare`` measured it already, else None."""
+        for a, top in self.maxabs:
+            if a is t:
+                return top
+        return None
 
     @property
     def order(self) -> int:
@@ -172,6 +182,19 @@ def to_tensor(x: Any, name: str) -> tuple[torch.Tensor, str]:
 def _check_float(t: torch.Tensor, name: str) -> None:
     if t.dtype not in _TORCH_FLOATS:
         raise _unsupported(name, t.dtype)
+
+
+def max_abs(tensors: list[torch.Tensor]) -> list[float]:
+    """max |entry| of every tensor (0.0 for an empty one; NaN or inf where it has a non-finite
+    entry): one reduction per tensor and a single read-back for all of them."""
+    live = [t.detach() for t in tensors if t.numel()]
+    if not live:
+        return [0.0] * len(tensors)
+    tops = [torch.linalg.vector_norm(t, ord=math.inf) for t in live]
+    if len({t.dtype for t in tops}) > 1:
+        tops = [t.to(torch.float64) for t in tops]
+    values = iter(torch.stack(tops).tolist())
+    return [next(values) if t.numel() else 0.0 for t in tensors]
 
 
 def check_finite(t: torch.Tensor, name: str) -> None:
@@ -439,8 +462,10 @@ def prepare(spec: Spec, q, k, v, request: Request, spec_options: dict[str, Any] 
     value_sizes = _value_sizes(spec, vts, vnames, knames, lead, ms)
     check_positions(n, ms, request.causal, request.q_offset)
     q_offset = request.q_offset or 0
-    for t, nm in zip([qt, *kts, *vts], ["q", *knames, *vnames]):
-        check_finite(t, nm)
+    tops = max_abs([qt, *kts, *vts])
+    for t, nm, top in zip([qt, *kts, *vts], ["q", *knames, *vnames], tops):
+        if not math.isfinite(top):
+            check_finite(t, nm)  # raises, naming the first non-finite entry
 
     D = spec.feature_dim(sizes)
     scale = default_scale(D) if request.scale is None else request.scale
@@ -455,11 +480,12 @@ def prepare(spec: Spec, q, k, v, request: Request, spec_options: dict[str, Any] 
 
     qf, kfs, vfs = flat(qt), [flat(t) for t in kts], [flat(t) for t in vts]
     k_offsets = tuple(int(o) for o in k_offsets) if any(k_offsets) else ()
+    maxabs = tuple(zip([qf, *kfs, *vfs], tops))  # the casts to the compute dtype are exact
     rel = None
     if spec.positional == "rope":
         q_pos = torch.arange(n, device=device) + q_offset
         k_pos = [torch.arange(m, device=device) + (k_offsets[s] if k_offsets else 0) for s, m in enumerate(ms)]
-        qf, kfs = positional.rotate(qf, kfs, q_pos, k_pos, options)
+        qf, kfs = positional.rotate(qf, kfs, q_pos, k_pos, options)  # new arrays: maxabs no longer names them
     elif spec.positional == "relative":
         W = options.get("rel")
         Wt = None if W is None else to_tensor(W, "rel")[0]
@@ -471,5 +497,5 @@ def prepare(spec: Spec, q, k, v, request: Request, spec_options: dict[str, Any] 
         spec=spec, q=qf, keys=tuple(kfs), values=tuple(vfs), lead=lead, n=n, ms=ms, sizes=sizes,
         value_sizes=value_sizes, scale=float(scale), causal=causal, q_offset=q_offset,
         k_offsets=k_offsets, rel=rel, alibi_slope=float(options.get("alibi_slope") or 0.0),
-        kind=kind, out_dtype=out_dtype, device=device, key_bias=key_bias, attn_mask=general_mask,
+        kind=kind, out_dtype=out_dtype, device=device, key_bias=key_bias, attn_mask=general_mask, maxabs=maxabs,
     )

@@ -117,7 +117,14 @@ class Request:
         >>> req.tol, opts["rope_base"], opts["rope_layout"]
         (0.0001, 500.0, 'interleaved')
         """
-        fields = set(cls.names())
+        try:  # the same keywords again (a model's every call): validated once, reused
+            key = (spec, tuple(registered()), tuple((k, type(v), v) for k, v in kwargs.items()))
+            hit = _FROM_CALL.get(key)
+        except TypeError:  # an unhashable option (rel=W ...)
+            key, hit = None, None
+        if hit is not None:
+            return hit[0], dict(hit[1])
+        fields = _FIELDS
         unknown = [k for k in kwargs if k not in fields and k not in spec.options]
         if unknown:
             raise InputError(
@@ -126,11 +133,22 @@ class Request:
             )
         request = cls(**{k: v for k, v in kwargs.items() if k in fields})
         spec_options = {**spec.options, **{k: v for k, v in kwargs.items() if k in spec.options}}
+        if key is not None:
+            _FROM_CALL[key] = (request, dict(spec_options))
+            if len(_FROM_CALL) > FROM_CALL_CACHE_SIZE:
+                _FROM_CALL.pop(next(iter(_FROM_CALL)))
         return request, spec_options
 
     def with_causal(self, causal: bool | None) -> "Request":
         """This request with ``causal`` replaced (None keeps it)."""
         return self if causal is None or causal == self.causal else dataclasses.replace(self, causal=causal)
+
+
+_FIELDS = frozenset(Request.names())
+#: validated Requests of recent calls, by (spec, registered backends, keywords with their types):
+#: a hit is the Request ``from_call`` would build again (True and 1 are different keys)
+_FROM_CALL: dict = {}
+FROM_CALL_CACHE_SIZE = 256
 
 
 @dataclass(frozen=True)

@@ -63,7 +63,7 @@ def _chebyshev_coefficients(beta: float, g: int) -> np.ndarray:
         return np.array([1.0 / math.factorial(t) for t in range(g + 1)])
     # exact rational arithmetic in Python integers, one correctly rounded division per coefficient:
     # a_k = ints[k] / den (the float Bessel values, exactly), c_t = sum_k a_k T_k[t] / beta^t
-    cheb = [float(special.iv(k, beta)) * (1 if k == 0 else 2) for k in range(g + 1)]
+    cheb = [x * (1 if k == 0 else 2) for k, x in enumerate(special.iv(np.arange(g + 1), beta).tolist())]
     ratios = [x.as_integer_ratio() for x in cheb]
     den = max(d for _, d in ratios)  # powers of two: each divides the largest
     ints = [num * (den // d) for num, d in ratios]
@@ -82,10 +82,37 @@ def _abs_sum(approx: "Approximant", beta: float, g: int) -> float:
     return approx._abs_sum(beta, g)
 
 
+@lru_cache(maxsize=1024)
+def _abs_sum_derivative(approx: "Approximant", beta: float, g: int) -> float:
+    return approx._abs_sum_derivative(beta, g)
+
+
+@lru_cache(maxsize=4096)
+def _truncation_fails(approx: "Approximant", beta: float, tol: float, max_degree: int) -> int:
+    """The number of degrees 0, 1, ... whose truncation error alone exceeds tol at this beta."""
+    for g in range(max_degree + 1):
+        if output_error(approx.truncation_error(beta, g)) <= tol:
+            return g
+    return max_degree + 1
+
+
+def first_candidate_degree(approx: "Approximant", beta: float, tol: float, max_degree: int) -> int:
+    """A degree below which no polynomial can certify ``tol`` at ``beta``: the truncation error alone
+    is too large there. The truncation error grows with beta, so the count found at the power of two
+    2^floor(log2 beta) <= beta holds at beta too; it is reused for every beta in that octave. An
+    approximant that does not declare ``truncation_grows`` gets 0 (every degree is tried)."""
+    if not approx.truncation_grows or not beta > 0.0 or not math.isfinite(beta):
+        return 0
+    return _truncation_fails(approx, 2.0 ** math.floor(math.log2(beta)), float(tol), int(max_degree))
+
+
 class Approximant:
     """Base class: a family of polynomials P_g approximating exp on [-beta, beta]."""
 
     name = "base"
+    #: whether a degree whose truncation error fails tol at some beta fails it at every larger beta
+    #: (lets the degree search skip those degrees, ``first_candidate_degree``)
+    truncation_grows = False
 
     def coefficients(self, beta: float, g: int) -> np.ndarray:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -99,14 +126,17 @@ class Approximant:
         return _abs_sum(self, float(beta), int(g))
 
     def _abs_sum(self, beta: float, g: int) -> float:
-        c = self.coefficients(beta, g)
-        return float(np.sum(np.abs(c) * beta ** np.arange(len(c))))
+        # a Python sum: for the few coefficients of a typical degree it is faster than numpy's
+        return float(sum(abs(c) * beta**t for t, c in enumerate(self.coefficients(beta, g).tolist())))
 
     def abs_sum_derivative(self, beta: float, g: int) -> float:
         """sum_t t |c_t| beta^(t-1) >= max |P'(s)| on |s| <= beta: the roundoff scale of gradients."""
-        c = self.coefficients(beta, g)
-        t = np.arange(len(c))
-        return float(np.sum(t[1:] * np.abs(c[1:]) * float(beta) ** (t[1:] - 1)))
+        return _abs_sum_derivative(self, float(beta), int(g))
+
+    def _abs_sum_derivative(self, beta: float, g: int) -> float:
+        beta = float(beta)
+        return float(sum(t * abs(c) * beta ** (t - 1) for t, c in enumerate(self.coefficients(beta, g).tolist())
+                         if t))
 
     def certified_error(self, beta: float, g: int) -> float:
         """Certified relative error of the float64 coefficients, max |P(s)/e^s - 1| on |s|<=beta."""
@@ -157,6 +187,9 @@ class Chebyshev(Approximant):
     """
 
     name = "chebyshev"
+    # e^beta I_{g+1}(beta) / (1 - ratio) grows with beta while ratio < 1; past it the bound is
+    # e^{2 beta} >= 1, which fails every tol, so a degree that fails keeps failing
+    truncation_grows = True
 
     @staticmethod
     def _tail(beta: float, g: int) -> float:
@@ -176,7 +209,7 @@ class Chebyshev(Approximant):
     def _coefficient_input_error(self, beta: float, g: int) -> float:
         # Bessel values carry relative error <= BESSEL_REL_ERR; |T_k| <= 1 on [-1, 1]
         ks = np.arange(g + 1)
-        total = float(np.sum(special.ive(ks, beta))) * 2.0 * math.exp(beta)
+        total = float(special.ive(ks, beta).sum()) * 2.0 * math.exp(beta)
         return BESSEL_REL_ERR * total * math.exp(beta)
 
     def coefficients(self, beta: float, g: int) -> np.ndarray:
@@ -209,6 +242,7 @@ class Taylor(Approximant):
     |e^s - P(s)| <= e^{max(s,0)} |s|^{g+1} / (g+1)!, so relative error <= e^{2 beta} beta^{g+1}/(g+1)!."""
 
     name = "taylor"
+    truncation_grows = True
 
     def coefficients(self, beta: float, g: int) -> np.ndarray:
         return np.array([1.0 / math.factorial(t) for t in range(g + 1)])

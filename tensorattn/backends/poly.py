@@ -207,18 +207,19 @@ class FactorizedAttention:
         """Order 2, non-causal: out = P(S) [v | 1] with P evaluated from the scores by the score
         kernel, in query chunks of the memory budget (docs/design.md#the-direct-form)."""
         xq, xk = self.xs
-        a = augment(self.values[0])
+        vt = self.values[0].transpose(1, 2)
         weight = self.key_weight(0)
-        if weight is not None:
-            a = a * weight[..., None]
-        at = a.transpose(1, 2)
         Z, n = xq.shape[:2]
         chunk = max(1, min(n, self.budget_elems // (2 * Z * xk.shape[1])))
         outs = []
         for i0 in range(0, n, chunk):
             A = self.score_kernel(xq[:, i0: i0 + chunk], [xk])  # (Z, m, c): P(s_ij) at [j, i]
-            res = (at @ A).transpose(1, 2)  # (Z, c, e + 1)
-            outs.append(self.normalize(res, i0, i0 + res.shape[1]))
+            if weight is not None:
+                A = A * weight[..., None]
+            num = (vt @ A).transpose(1, 2)  # (Z, c, e)
+            den = A.sum(dim=1)[..., None]  # (Z, c, 1)
+            outs.append(self.normalize(torch.cat([num, den], dim=-1), i0, i0 + num.shape[1])
+                        if self.visible is not None else num / den)
         return torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
 
     def run(self) -> torch.Tensor:

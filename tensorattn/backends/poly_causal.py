@@ -133,6 +133,7 @@ def polynomial_score_kernel(coeffs, scale: float):
     (B, b_t, D); result in the layout (B, j_h, .., j_1, i) of the feature path. The non-causal
     direct form (``FactorizedAttention.direct``) calls it with all queries and keys of a chunk."""
     cs = [float(c) for c in coeffs]
+    tensors: dict = {}  # the coefficients as 0-d tensors of each dtype (addcmul adds a tensor)
 
     def kernel(xq: torch.Tensor, xks: list[torch.Tensor]) -> torch.Tensor:
         B, b, D = xq.shape
@@ -143,15 +144,14 @@ def polynomial_score_kernel(coeffs, scale: float):
         s = (xks[-1] @ X.reshape(B, -1, D).transpose(1, 2)).reshape(B, *lengths, b)
         if len(cs) == 1:
             return torch.full_like(s, cs[0])
-        if torch.is_grad_enabled() and s.requires_grad:
-            p = s * cs[-1] + cs[-2]
-            for c in reversed(cs[:-2]):
-                p = p * s + c
-            return p
-        # Horner in place: p <- c_t + p * s
-        p = torch.mul(s, cs[-1]).add_(cs[-2])
-        for c in reversed(cs[:-2]):
-            p.mul_(s).add_(c)
+        ct = tensors.get((s.dtype, s.device))
+        if ct is None:
+            ct = tensors[s.dtype, s.device] = torch.tensor(cs, dtype=s.dtype, device=s.device).unbind()
+        # Horner, one op per degree: p <- c_t + p * s (in place unless autograd needs the steps)
+        p = torch.add(ct[-2], s, alpha=cs[-1])
+        inplace = not (torch.is_grad_enabled() and s.requires_grad)
+        for c in reversed(ct[:-2]):
+            p = torch.addcmul(c, p, s, out=p) if inplace else torch.addcmul(c, p, s)
         return p
 
     kernel.degree = len(cs) - 1

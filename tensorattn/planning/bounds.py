@@ -81,13 +81,16 @@ def operand_maxima(ops: Operands) -> OperandMaxima:
                     linf.append(0.0)
                     continue
                 flat = t.detach().reshape(Z, t.shape[1], -1)
-                top = float(torch.linalg.vector_norm(flat, ord=math.inf))  # max |entry|, one pass
+                top = ops.known_max(t)
+                if top is None:
+                    top = float(torch.linalg.vector_norm(flat, ord=math.inf))  # max |entry|, one pass
                 l2.append(_max_row_norm(flat, top) * _missing_factor(feats, term.contracted, ops.sizes))
                 linf.append(top)
         wnorm = 1.0
         if ops.rel is not None and ops.rel.numel():
             wnorm = max_spectral_norm(ops.rel)
-        vals = [float(torch.linalg.vector_norm(v.detach(), ord=math.inf)) if v.numel() else 0.0 for v in ops.values]
+        vals = [0.0 if not v.numel() else ops.known_max(v) if ops.known_max(v) is not None
+                else float(torch.linalg.vector_norm(v.detach(), ord=math.inf)) for v in ops.values]
     return OperandMaxima(tuple(l2), tuple(linf), tuple(vals), wnorm)
 
 

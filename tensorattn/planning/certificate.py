@@ -11,7 +11,7 @@ from typing import Sequence
 import numpy as np
 
 from ..approx.features import rank_for
-from ..approx.polynomials import Approximant, output_error
+from ..approx.polynomials import Approximant, first_candidate_degree, output_error
 from ..request import Problem
 from .cost import exact_key_blocks
 
@@ -158,7 +158,7 @@ def choose_certificate(
     tolerance."""
     if not beta <= MAX_CERTIFIABLE_BETA:
         return None
-    for g in range(0, max_degree + 1):
+    for g in range(first_candidate_degree(approx, beta, tol, max_degree), max_degree + 1):
         if output_error(approx.truncation_error(beta, g)) > tol:
             continue  # the truncation alone is too large: skip the costlier parts of the bound
         dtype = feature_dtype or input_dtype

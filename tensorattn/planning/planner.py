@@ -12,6 +12,7 @@ import math
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, replace
+from functools import cached_property
 from typing import Any, Mapping
 
 from .. import positional
@@ -170,7 +171,7 @@ class Plan:
         """The dtype the exact backend computes in (float64 when float32 could overflow)."""
         return exact_dtype(self.problem)
 
-    @property
+    @cached_property
     def unit_divisors(self) -> tuple[float, ...]:
         """A power of two near max |entry| of each score operand (1.0 for operands already near 1).
 
@@ -182,7 +183,7 @@ class Plan:
             return (1.0,) * self.order
         return _powers_of_two(self.problem.linf or (1.0,) * self.order)
 
-    @property
+    @cached_property
     def value_divisors(self) -> tuple[float, ...]:
         """A power of two near max |entry| of each value operand (1.0 near 1). The result is linear
         in every value slot, so the backends run on values near 1 (no underflow in products of
@@ -470,7 +471,7 @@ def _decide(problem: Problem, request: Request, registry: dict[str, Backend]) ->
     impl = registry.get(backend)
     if impl is None:
         raise InputError(f"backend {backend!r} is not in the registry this plan was made with: {sorted(registry)}")
-    serves = serving(impl, spec, problem)
+    serves = poly_serves if backend == "poly" and poly is impl else serving(impl, spec, problem)
     if not serves:
         others = ", ".join(repr(n) for n in backends_serving(spec, problem, registry))
         what = "this masked call to spec" if problem.key_mask or problem.attn_mask else "spec"

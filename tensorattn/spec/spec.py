@@ -146,7 +146,7 @@ class Spec:
             return NotImplemented
         return self._key() == other._key() and dict(self.options) == dict(other.options)
 
-    @property
+    @cached_property
     def is_polynomial(self) -> bool:
         """True when the score is a sum of several terms (an attention polynomial) or carries a
         coefficient; False for a single einsum over every slot."""
