@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -84,7 +85,7 @@ class Operands:
         """The dtype of the result, by name ("float16", "bfloat16", "float32" or "float64")."""
         return str(self.out_dtype).rsplit(".", 1)[-1]
 
-    @property
+    @cached_property
     def out_value_shape(self) -> tuple[int, ...]:
         return tuple(self.value_sizes[c] for c in self.spec.value_einsum.out_letters)
 
@@ -186,15 +187,8 @@ def _check_float(t: torch.Tensor, name: str) -> None:
 
 def max_abs(tensors: list[torch.Tensor]) -> list[float]:
     """max |entry| of every tensor (0.0 for an empty one; NaN or inf where it has a non-finite
-    entry): one reduction per tensor and a single read-back for all of them."""
-    live = [t.detach() for t in tensors if t.numel()]
-    if not live:
-        return [0.0] * len(tensors)
-    tops = [torch.linalg.vector_norm(t, ord=math.inf) for t in live]
-    if len({t.dtype for t in tops}) > 1:
-        tops = [t.to(torch.float64) for t in tops]
-    values = iter(torch.stack(tops).tolist())
-    return [next(values) if t.numel() else 0.0 for t in tensors]
+    entry), one reduction each (a read-back per tensor is cheaper than stacking them)."""
+    return [float(torch.linalg.vector_norm(t.detach(), ord=math.inf)) if t.numel() else 0.0 for t in tensors]
 
 
 def check_finite(t: torch.Tensor, name: str) -> None:

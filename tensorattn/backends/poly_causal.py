@@ -55,6 +55,7 @@ import math
 import string
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -132,7 +133,7 @@ def polynomial_score_kernel(coeffs, scale: float):
     Cost b^{h+1} (D + g) per block instead of b^{h+1} r. ``xq`` (B, b, D), ``xks`` h tensors
     (B, b_t, D); result in the layout (B, j_h, .., j_1, i) of the feature path. The non-causal
     direct form (``FactorizedAttention.direct``) calls it with all queries and keys of a chunk."""
-    cs = [float(c) for c in coeffs]
+    cs = [float(c) for c in np.asarray(coeffs, dtype=np.float64).tolist()]
     tensors: dict = {}  # the coefficients as 0-d tensors of each dtype (addcmul adds a tensor)
 
     def kernel(xq: torch.Tensor, xks: list[torch.Tensor]) -> torch.Tensor:

@@ -62,9 +62,9 @@ def _max_row_norm(flat: torch.Tensor, top: float) -> float:
     """max l2 norm over the rows of ``flat`` (max |entry| ``top``). Far from 1 the squares would
     overflow or underflow (an inf or a too small beta), so the rows are scaled by a power of two first."""
     if top == 0.0 or 2.0 ** -60 <= top <= 2.0 ** 60:
-        return float(flat.norm(dim=-1).max())
+        return float(torch.linalg.vector_norm(flat, dim=-1).amax())
     step = 2.0 ** math.floor(math.log2(top))
-    return float((flat / step).norm(dim=-1).max()) * step
+    return float(torch.linalg.vector_norm(flat / step, dim=-1).amax()) * step
 
 
 def operand_maxima(ops: Operands) -> OperandMaxima:

@@ -215,7 +215,7 @@ class Spec:
             )
         return parse_score(self.score)
 
-    @property
+    @cached_property
     def value_einsum(self) -> ValueEinsum:
         return parse_value(self.value, self.slots)
 
