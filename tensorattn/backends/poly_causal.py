@@ -204,6 +204,12 @@ def choose_block(n: int, rank: int, widths: list[int], E1: int, terms: list[_Ter
 
 # --------------------------------------------------------------------------- main entry
 
+#: elements alive per batch of blocks (within the memory budget): a batch's features then stay in
+#: the last-level cache between the feature map and the GEMMs; 4M elements ran 1.1-1.6x faster
+#: than a 16M batch on the dev box (pairwise, n = 4,096-65,536)
+BATCH_ELEMS = 1 << 22
+
+
 
 def causal_factorized(eng, initial: list[torch.Tensor] | None = None, key_offset: int = 0,
                       block: int | None = None, batch_elems: int | None = None) -> torch.Tensor:
@@ -251,7 +257,7 @@ def causal_factorized(eng, initial: list[torch.Tensor] | None = None, key_offset
         h = len(t.T)
         per_block += (0 if mode or t.shared else b ** h * r * t.K) + 3 * b ** (h + 1) * t.K
         per_block += b ** h * Dq if t.shared and kernel is not None else 0
-    nbat = max(1, (batch_elems or eng.budget_elems) // (Z * per_block))
+    nbat = max(1, (batch_elems or min(eng.budget_elems, BATCH_ELEMS)) // (Z * per_block))
 
     cache: dict = {}
     outs = []

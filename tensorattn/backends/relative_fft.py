@@ -115,18 +115,38 @@ class KernelSpectra:
     def __init__(self, dt: DegreeTerms, Wp: torch.Tensor, weights: torch.Tensor, factor, N: int):
         self.dt, self.Wp, self.factor, self.N = dt, Wp, factor, N
         self.ptr = np.searchsorted(dt.kernel, np.arange(dt.kernels + 1))
-        self.pair_index = torch.as_tensor(dt.pair_index, device=Wp.device)
         self.weights = weights[torch.as_tensor(dt.weight_index, device=Wp.device)]
+
+    def products(self, mu: np.ndarray) -> torch.Tensor:
+        """prod_{(a,b) in mu} W[a,b] at every offset for the terms ``mu``: (len(mu), L).
+
+        Built one factor at a time over the distinct prefixes of the terms' (sorted) pair lists, so
+        that terms sharing a prefix share its product: a degree-t level costs one multiply per
+        distinct prefix instead of one per term and factor."""
+        pairs = self.dt.pair_index[mu]  # (M, t), each row nondecreasing
+        device = self.Wp.device
+        if self.dt.t == 0:
+            return self.Wp.new_ones(mu.size, self.Wp.shape[1])
+        prod, parent_of = None, np.zeros(mu.size, np.int64)
+        for s in range(self.dt.t):
+            last = s == self.dt.t - 1  # full pair lists: one per term (the multisets are distinct)
+            if last:
+                rows, inverse = np.arange(mu.size), np.arange(mu.size)
+            else:
+                _, rows, inverse = np.unique(pairs[:, : s + 1], axis=0, return_index=True, return_inverse=True)
+                inverse = inverse.reshape(-1)
+            factor = self.Wp.index_select(0, torch.as_tensor(pairs[rows, s], device=device))
+            if prod is not None:
+                factor = factor * prod.index_select(0, torch.as_tensor(parent_of[rows], device=device))
+            prod, parent_of = factor, inverse
+        return prod
 
     def __call__(self, kernels: np.ndarray) -> torch.Tensor:
         """Spectra of the given kernels, frequency-major: (N//2 + 1, len(kernels)) complex."""
         lengths = self.ptr[kernels + 1] - self.ptr[kernels]
         offsets = np.cumsum(lengths) - lengths
         mu = np.repeat(self.ptr[kernels] - offsets, lengths) + np.arange(int(lengths.sum()))
-        mu_t = torch.as_tensor(mu, device=self.Wp.device)
-        T = self.weights[mu_t, None].expand(mu.size, self.Wp.shape[1])  # terms x offsets
-        for s in range(self.dt.t):  # loop over the t factors of every term at once
-            T = T * self.Wp.index_select(0, self.pair_index[mu_t, s])
+        T = self.products(mu) * self.weights[torch.as_tensor(mu, device=self.Wp.device), None]  # terms x offsets
         owner = torch.as_tensor(np.repeat(np.arange(kernels.size), lengths), device=T.device)
         H = T.new_zeros(kernels.size, T.shape[1]).index_add_(0, owner, T)
         if self.factor is not None:
