@@ -96,7 +96,7 @@ class FactorizedAttention:
         Z = ops.q.shape[0]
         values = [v.to(dtype).reshape(Z, v.shape[1], -1) for v in ops.values]
         shapes = [tuple(v.shape[2:]) for v in ops.values]
-        budget = int(budget_bytes) // (torch.finfo(dtype).bits // 8)
+        budget = int(budget_bytes) // (8 if dtype == torch.float64 else 4)
         weights = [None if b is None else torch.exp(b).to(dtype) for b in ops.key_bias] or None
         return cls(ops, xs, values, shapes, query_features, key_features, rank, budget, query_weights,
                    key_weights=weights, visible=ops.visible_rows() if weights else None)

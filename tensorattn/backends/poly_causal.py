@@ -149,7 +149,7 @@ def polynomial_score_kernel(coeffs, scale: float):
         if ct is None:
             ct = tensors[s.dtype, s.device] = torch.tensor(cs, dtype=s.dtype, device=s.device).unbind()
         # Horner, one op per degree: p <- c_t + p * s (in place unless autograd needs the steps)
-        p = torch.add(ct[-2], s, alpha=cs[-1])
+        p = torch.addcmul(ct[-2], s, ct[-1])
         inplace = not (torch.is_grad_enabled() and s.requires_grad)
         for c in reversed(ct[:-2]):
             p = torch.addcmul(c, p, s, out=p) if inplace else torch.addcmul(c, p, s)

@@ -205,7 +205,7 @@ class Spec:
                 return "triangle"
         return "tuples"
 
-    @property
+    @cached_property
     def score_einsum(self) -> ScoreEinsum:
         """The score einsum of a single-term spec (an attention polynomial has ``terms``)."""
         if self.is_polynomial:
