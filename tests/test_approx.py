@@ -136,3 +136,16 @@ def test_plan_input_errors():
         ta.plan("pairwise", n=10, d=4)
     with pytest.raises(ta.InputError, match="no entry for contracted index 'b'"):
         ta.plan(ta.Spec("c", "ia,jb,kab->ijk"), n=10, sizes={"a": 2}, bound=1.0)
+
+
+@given(st.sampled_from(["chebyshev", "taylor"]), st.floats(1e-6, 17.9), st.sampled_from([1e-2, 1e-3, 1e-6, 1e-9]))
+def test_degree_search_start_skips_only_failing_degrees(name, beta, tol):
+    """The first candidate degree (found once per octave of beta) never skips a degree whose
+    truncation error would meet tol at this beta, so the search picks the same degree."""
+    from tensorattn.approx.polynomials import first_candidate_degree, get_approximant
+
+    approx = get_approximant(name)
+    start = first_candidate_degree(approx, beta, tol, 40)
+    assert all(output_error(approx.truncation_error(beta, g)) > tol for g in range(min(start, 41)))
+    full = next((g for g in range(41) if output_error(approx.truncation_error(beta, g)) <= tol), 41)
+    assert start <= full

@@ -145,3 +145,19 @@ def test_relative_options():
     _raises("rel contains 1 non-finite entry", REL, q, k, v, rel=bad)
     _raises("alibi_slope=-1 must be a finite number in [0", REL, q, k, v, rel=W, alibi_slope=-1)
     _raises("alibi_slope=inf", REL, q, k, v, rel=W, alibi_slope=float("inf"))
+
+
+@pytest.mark.parametrize("spec", ["pairwise", "rope"])
+def test_known_maxima_name_only_the_arrays_they_were_measured_on(spec):
+    """prepare measures max |entry| while checking for NaN; the bounds reuse it for the very same
+    arrays only: rope's rotated q and k are new arrays, measured again."""
+    from tensorattn.planning import operand_maxima
+
+    q, k, v = (torch.rand(2, 9, 4, dtype=torch.float16) * 3 for _ in range(3))
+    req, opts = Request.from_call(ta.get_spec(spec))
+    ops = prepare(ta.get_spec(spec), q, k, v, req, opts)
+    assert ops.known_max(ops.values[0]) == float(v.abs().max())
+    assert (ops.known_max(ops.q) is None) == (spec == "rope")
+    mx = operand_maxima(ops)
+    assert mx.linf == (float(ops.q.abs().max()), float(ops.keys[0].abs().max()))
+    assert mx.vals == (float(v.abs().max()),)

@@ -303,3 +303,17 @@ def test_planning_source_imports_no_backend():
                 assert "backends" not in (node.module or ""), (path.name, node.module)
             elif isinstance(node, ast.Import):
                 assert not any("backends" in a.name for a in node.names), path.name
+
+
+def test_request_reuse_keeps_validation_by_type():
+    """Requests are reused for repeated keywords, but a value equal to an accepted one and of
+    another type is validated anew (True == 1, and causal=1 is refused)."""
+    spec = ta.get_spec("pairwise")
+    first, _ = Request.from_call(spec, causal=True, tol=1e-3)
+    again, _ = Request.from_call(spec, causal=True, tol=1e-3)
+    assert again is first
+    with pytest.raises(ta.InputError, match="causal"):
+        Request.from_call(spec, causal=1, tol=1e-3)
+    opts = Request.from_call(ta.get_spec("rope"), rope_base=500.0)[1]
+    opts["rope_base"] = 1.0  # the caller's copy: the cached options are not changed
+    assert Request.from_call(ta.get_spec("rope"), rope_base=500.0)[1]["rope_base"] == 500.0

@@ -292,3 +292,20 @@ def test_constant_w_is_folded_into_q(backend, causal):
     assert not info.plan.rel_folded
     out.sum().backward()
     assert Wt.grad[-1].abs().sum() > 0  # every offset gets its own gradient
+
+
+@given(st.integers(2, 4), st.integers(1, 5), st.integers(0, 2**16))
+def test_kernel_products_over_shared_prefixes(d, g, seed):
+    """KernelSpectra.products (prefix-shared) equals the plain product of each term's factors."""
+    from tensorattn.backends.relative_fft import KernelSpectra
+
+    rng = np.random.default_rng(seed)
+    pairs = tuple((a, b) for a in range(d) for b in range(d) if rng.random() < 0.6) or ((0, 0),)
+    Wp = torch.from_numpy(rng.uniform(-1.5, 1.5, (len(pairs), 7)))
+    for dt in toeplitz_terms(d, pairs, g):
+        spectra = KernelSpectra(dt, Wp, torch.ones(math.comb(len(pairs) + g, g), dtype=torch.float64), None, 16)
+        mu = np.sort(rng.choice(dt.terms, size=min(dt.terms, 9), replace=False))
+        want = torch.ones(mu.size, Wp.shape[1], dtype=torch.float64)
+        for s in range(dt.t):
+            want = want * Wp[torch.as_tensor(dt.pair_index[mu, s])]
+        torch.testing.assert_close(spectra.products(mu), want, rtol=1e-14, atol=0)
