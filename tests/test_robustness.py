@@ -355,3 +355,21 @@ def test_module_arguments_and_inputs():
         ta.InputError, mha, torch.randn(1, 3, 4, dtype=torch.float64))
     rel = ta.nn.TensorAttention("relative", rel=random_rel(3, 3, 2), backend="exact")
     assert rel(torch.randn(3, 2), torch.randn(3, 2), torch.randn(3, 2)).shape == (3, 2)
+
+
+@pytest.mark.parametrize("backend", ["exact", "poly", "auto"])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("spec", [ta.Spec("biased", "id,jd->ij + jd,kd->jk + kd->k"), "tree", "strassen",
+                                  ta.Spec("star", "id,jd->ij + id,kd->ik")])
+def test_scale_past_the_dtype_range_on_zero_keys(spec, causal, backend):
+    """A scale beyond float32's range (1e39) with zero keys: every score is 0, so the result is
+    finite and within the bound (the scale once overflowed to inf in float32 and inf * 0 gave NaN)."""
+    rng = np.random.default_rng(3)
+    q = rng.uniform(-1, 1, (4, 2)).astype(np.float16)
+    ks = tuple(np.zeros((4, 2), np.float16) for _ in range(2))
+    vs = tuple(rng.uniform(-1, 1, (4, 1)).astype(np.float16) for _ in range(2))
+    out, info = ta.attention(q, ks, vs, spec=spec, backend=backend, causal=causal, scale=1e39, tol=0.1,
+                             return_info=True)
+    want = reference_attention(q, ks, vs, spec=spec, causal=causal, scale=1e39)
+    assert np.isfinite(out.astype(np.float64)).all()
+    assert np.abs(out.astype(np.float64) - want).max() <= info.error_bound

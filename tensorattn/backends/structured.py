@@ -49,16 +49,32 @@ def pairwise_form(ops: Operands) -> PairwiseForm:
               for x, f in zip(term_operands(spec, ops.sizes, arrays, term), term.einsum.features)]
         c = ops.scale * term.coefficient
         if term.order == 1:
-            b = c * xs[0].sum(-1)
+            # summed and scaled in float64: a scale past the dtype's range times a zero sum is 0, not NaN
+            b = (xs[0].sum(-1, dtype=torch.float64) * c).to(xs[0].dtype)
             s = term.slots[0]
             bias[s] = b if bias[s] is None else bias[s] + b
             continue
         (a, xa), (b_, xb) = sorted(zip(term.slots, xs), key=lambda p: p[0])
         left, right = parts.setdefault((a, b_), ([], []))
-        left.append(c * xa)
+        xa, xb = _scaled_pair(xa, xb, c)
+        left.append(xa)
         right.append(xb)
     edges = {key: (torch.cat(l, -1), torch.cat(r, -1)) for key, (l, r) in parts.items()}
     return PairwiseForm(edges, bias)
+
+
+def _scaled_pair(xa: torch.Tensor, xb: torch.Tensor, c: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(c x_a, x_b): the factors of c <x_a, x_b>. Where c x_a could overflow the dtype (a huge scale
+    on small entries, the scores themselves being small), a power of two p moves to the other side:
+    (c/p x_a, p x_b), exact in x_b, so a zero entry of x_b meets a finite one instead of inf (NaN)."""
+    if abs(c) <= 1.0 or xa.numel() == 0:
+        return c * xa, xb
+    room = torch.finfo(xa.dtype).max * 2.0 ** -32
+    top = float(torch.linalg.vector_norm(xa.detach(), ord=math.inf))
+    if abs(c) * top <= room:
+        return c * xa, xb
+    p = 2.0 ** math.ceil(math.log2(abs(c) * top / room))
+    return (c / p) * xa, xb * p
 
 
 def _offsets(ops: Operands) -> list[int]:
