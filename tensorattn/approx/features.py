@@ -130,14 +130,17 @@ def feature_map_t(xt: torch.Tensor, g: int) -> torch.Tensor:
     if g >= 1 and math.prod(lead) * tab.rank * N <= GATHER_ELEMS:
         return _gathered(xt, g)
     out = xt.new_empty(*lead, tab.rank, N)
-    out[..., 0, :] = 1
+    out.select(-2, 0).fill_(1)
+    # views made once per call (split) and by narrow: at cache-sized chunks the per-op cost of
+    # indexing views counts as much as the multiplies themselves
+    rows = xt.split(1, dim=-2)
     lo, hi = 0, 1  # rows of the previous degree
     for t in range(1, g + 1):
-        pos = hi
+        prev = out.narrow(-2, lo, hi - lo)
+        blocks = out.narrow(-2, hi, sum(tab.prefix[t])).split(tab.prefix[t], dim=-2)
         for c, cnt in enumerate(tab.prefix[t]):
-            torch.mul(out[..., lo: lo + cnt, :], xt[..., c: c + 1, :], out=out[..., pos: pos + cnt, :])
-            pos += cnt
-        lo, hi = hi, pos
+            torch.mul(prev.narrow(-2, 0, cnt), rows[c], out=blocks[c])
+        lo, hi = hi, hi + sum(tab.prefix[t])
     return out
 
 
