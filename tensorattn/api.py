@@ -104,7 +104,19 @@ def run_plan(plan: Plan, ops: Operands) -> torch.Tensor:
     # float64, where the factor is representable, rounding once to the compute dtype
     ops = dataclasses.replace(ops, values=tuple(v / c for v, c in zip(ops.values, divisors)))
     out = backend.run(plan, ops)
-    return (out.to(torch.float64) * math.prod(divisors)).to(out.dtype)
+    return scale_by_powers_of_two(out.to(torch.float64), divisors).to(out.dtype)
+
+
+def scale_by_powers_of_two(x: torch.Tensor, factors: tuple[float, ...]) -> torch.Tensor:
+    """x times the product of powers of two, exactly (barring over/underflow of the result itself):
+    the exponents are summed first and applied in steps of at most 2^1000, so a product that would
+    overflow float64 on its own (two values near 1e200) never turns a 0 into NaN."""
+    e = sum(int(math.log2(c)) for c in factors)
+    while e:
+        step = max(-1000, min(1000, e))
+        x = x * 2.0**step
+        e -= step
+    return x
 
 
 #: the largest finite number of each result dtype

@@ -373,3 +373,20 @@ def test_scale_past_the_dtype_range_on_zero_keys(spec, causal, backend):
     want = reference_attention(q, ks, vs, spec=spec, causal=causal, scale=1e39)
     assert np.isfinite(out.astype(np.float64)).all()
     assert np.abs(out.astype(np.float64) - want).max() <= info.error_bound
+
+
+@pytest.mark.parametrize("backend", ["exact", "auto"])
+@pytest.mark.parametrize("values", [(-0.0, 6.3e199, 2.1e199), (0.5, 3e200, 2e-200)])
+def test_value_rescaling_never_overflows_on_the_way_back(backend, values):
+    """Values far from 1 run as values near 1 and are scaled back by the product of powers of two:
+    that product alone may overflow float64 (1e200 * 1e200) while the result is 0 or near 1 (it
+    once came back as 0 * inf = NaN)."""
+    spec = ta.Spec("quad", "id,jd,kd,ld->ijkl")
+    rng = np.random.default_rng(5)
+    q = rng.uniform(-1, 1, (2, 1))
+    ks = [rng.uniform(-1, 1, (2, 1)) for _ in range(3)]
+    vs = [np.full((2, 1), x) for x in values]
+    out, info = ta.attention(q, ks, vs, spec=spec, backend=backend, causal=True, tol=0.1, return_info=True)
+    want = reference_attention(q, ks, vs, spec=spec, causal=True)
+    assert np.isfinite(out).all()
+    assert np.abs(out - want).max() <= info.error_bound
