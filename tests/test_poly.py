@@ -179,3 +179,27 @@ def test_no_warnings_on_normal_use():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         ta.attention(q, k, v, backend="poly")
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_chunk_feature_buffers(grad):
+    """The factorized engine writes every chunk's features into one reused buffer per role: the
+    result is bit-identical to fresh features per chunk; with autograd tracking the inputs no buffer
+    is used (the backward may keep the features)."""
+    from tensorattn.approx.features import feature_map
+    from tensorattn.backends.poly import polynomial_engine
+    from tensorattn.inputs import prepare
+    from tensorattn.planning.planner import make_plan, problem_for
+    from tensorattn.request import Request
+
+    q, k, v = (torch.rand(2, 700, 4, dtype=torch.float64, requires_grad=grad) for _ in range(3))
+    spec = ta.get_spec("pairwise")
+    req, opts = Request.from_call(spec, backend="poly", scale=0.25, memory_budget=1 << 16)
+    ops = prepare(spec, q, k, v, req, opts)
+    plan = make_plan(problem_for(ops, req), req)
+    engine = polynomial_engine(plan, ops, factorized=True)
+    assert engine.token_chunk(2) < 700  # several chunks
+    fresh = polynomial_engine(plan, ops, factorized=True)
+    fresh.query_features = fresh.key_features = lambda x: feature_map(x, plan.degree)
+    assert torch.equal(engine.full(), fresh.full())
+    assert (not engine.buffers) == grad and not fresh.buffers

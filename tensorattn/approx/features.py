@@ -109,13 +109,14 @@ def _gathered(xt: torch.Tensor, g: int) -> torch.Tensor:
     return out.reshape(*lead, idx.shape[1], N)
 
 
-def feature_map_t(xt: torch.Tensor, g: int) -> torch.Tensor:
+def feature_map_t(xt: torch.Tensor, g: int, out: torch.Tensor | None = None) -> torch.Tensor:
     """phi for tokens laid out last: xt of shape (..., D, N) -> (..., C(D+g, g), N).
 
     Each degree is built from the previous one block by block: the monomials whose largest
     coordinate is c are (prefix of the previous degree) * x_c, a contiguous broadcast multiply.
-    Without autograd the blocks are written into one preallocated buffer; with autograd they are
-    concatenated (in-place writes would invalidate saved tensors).
+    Without autograd the blocks are written into one preallocated buffer (``out``, of shape
+    (..., C(D+g, g), N), when the caller reuses one); with autograd they are concatenated (in-place
+    writes would invalidate saved tensors) and ``out`` is not used.
     """
     D, N = xt.shape[-2], xt.shape[-1]
     tab = monomial_tables(D, g)
@@ -129,7 +130,8 @@ def feature_map_t(xt: torch.Tensor, g: int) -> torch.Tensor:
         return torch.cat(levels, dim=-2)
     if g >= 1 and math.prod(lead) * tab.rank * N <= GATHER_ELEMS:
         return _gathered(xt, g)
-    out = xt.new_empty(*lead, tab.rank, N)
+    if out is None or out.shape != (*lead, tab.rank, N) or out.dtype != xt.dtype or out.device != xt.device:
+        out = xt.new_empty(*lead, tab.rank, N)
     out.select(-2, 0).fill_(1)
     # views made once per call (split) and by narrow: at cache-sized chunks the per-op cost of
     # indexing views counts as much as the multiplies themselves
@@ -144,13 +146,24 @@ def feature_map_t(xt: torch.Tensor, g: int) -> torch.Tensor:
     return out
 
 
-def feature_map(x: torch.Tensor, g: int) -> torch.Tensor:
+def feature_map(x: torch.Tensor, g: int, out: torch.Tensor | None = None) -> torch.Tensor:
     """phi(x) for x of shape (..., N, D): all monomials of degree <= g, shape (..., N, C(D+g, g)).
 
     The result is a transposed view of a tokens-last buffer, so ``phi.transpose(-1, -2)`` is
     contiguous for the key-side GEMM U^T [v | 1]. The tokens-last copy of x is contiguous, so each
-    block multiply streams over unit-stride rows (about 2x faster than a strided view)."""
-    return feature_map_t(x.transpose(-1, -2).contiguous(), g).transpose(-1, -2)
+    block multiply streams over unit-stride rows (about 2x faster than a strided view). ``out``: a
+    tokens-last buffer (..., C(D+g, g), N) to write into, as in ``feature_map_t``."""
+    return feature_map_t(x.transpose(-1, -2).contiguous(), g, out).transpose(-1, -2)
+
+
+def polynomial_features(g: int):
+    """phi of degree g as a feature callable of the factorized engine, which may pass ``out`` (a
+    tokens-last buffer) to reuse one buffer chunk after chunk."""
+    def phi(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        return feature_map(x, g, out)
+
+    phi.writes_into = True
+    return phi
 
 
 def query_weights(coeffs: np.ndarray, scale: float, D: int, g: int) -> np.ndarray:

@@ -21,14 +21,14 @@ from __future__ import annotations
 import dataclasses
 import math
 import string
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Callable
 
 import opt_einsum
 import torch
 
-from ..approx.features import augment, feature_map, query_weights
+from ..approx.features import augment, feature_map, polynomial_features, query_weights
 from ..approx.polynomials import get_approximant
 from ..inputs import Operands, expand_operand, term_operands
 from ..masks import factorized_refusal
@@ -81,6 +81,8 @@ class FactorizedAttention:
     #: evaluate P from the scores (the plan's direct form) instead of through the features
     direct: bool = False
     weights_fn: Callable[[], torch.Tensor] | None = None
+    #: per role ("keys", "queries"), a flat buffer the chunks' features are written into
+    buffers: dict = field(default_factory=dict)
 
     @classmethod
     def from_ops(cls, ops: Operands, query_features: FeatureFn, key_features: FeatureFn, rank: int,
@@ -117,9 +119,22 @@ class FactorizedAttention:
         """The key mask of one slot as weights (Z, m), or None."""
         return self.key_weights[slot] if self.key_weights else None
 
+    def chunk_features(self, fn: FeatureFn, x: torch.Tensor, role: str) -> torch.Tensor:
+        """fn(x) for one chunk of tokens. A feature map that can write into a buffer (``writes_into``)
+        gets one buffer per role, reused chunk after chunk: a fresh one per chunk would pay page faults
+        on every write. Not while autograd may save the features for the backward."""
+        if not getattr(fn, "writes_into", False) or (torch.is_grad_enabled() and self.ops.tracks_grad):
+            return fn(x)
+        Z, c = x.shape[:2]
+        need = Z * self.rank * c
+        buf = self.buffers.get(role)
+        if buf is None or buf.numel() < need or buf.dtype != x.dtype or buf.device != x.device:
+            buf = self.buffers[role] = x.new_empty(need)
+        return fn(x, out=buf[:need].view(Z, self.rank, c))
+
     def masked_features(self, x: torch.Tensor, weight: torch.Tensor | None, j0: int, j1: int) -> torch.Tensor:
         """Key features of tokens j0:j1, times their key-mask weight (0 removes a masked key)."""
-        U = self.key_features(x[:, j0:j1])
+        U = self.chunk_features(self.key_features, x[:, j0:j1], "keys")
         return U if weight is None else U * weight[:, j0:j1, None]
 
     def key_state(self, slot: int, start: int = 0, stop: int | None = None) -> torch.Tensor:
@@ -187,7 +202,8 @@ class FactorizedAttention:
         ct = combined.transpose(1, 2)
         for i0 in range(0, xq.shape[1], chunk):
             # (E+1, r) @ (r, c): the feature buffer is tokens-last, so this GEMM reads it contiguously
-            res = (ct @ self.query_features(xq[:, i0: i0 + chunk]).transpose(1, 2)).transpose(1, 2)
+            res = (ct @ self.chunk_features(self.query_features, xq[:, i0: i0 + chunk], "queries").transpose(1, 2)
+                   ).transpose(1, 2)
             outs.append(self.normalize(res, i0, i0 + res.shape[1]))
         return torch.cat(outs, dim=1)
 
@@ -243,8 +259,8 @@ def polynomial_engine(plan, ops: Operands, factorized: bool = False) -> Factoriz
     direct = plan.poly_form == "direct" and cert.direct_ok and not factorized
     engine = FactorizedAttention.from_ops(
         ops,
-        query_features=lambda x: feature_map(x, g),
-        key_features=lambda x: feature_map(x, g),
+        query_features=polynomial_features(g),
+        key_features=polynomial_features(g),
         rank=cert.rank,
         dtype=dtype,
         budget_bytes=plan.request.memory_budget,
