@@ -271,7 +271,7 @@ def causal_factorized(eng, initial: list[torch.Tensor] | None = None, key_offset
         if L < Lp:
             xqc = F.pad(xqc, (0, 0, 0, Lp - L))
         xqb = xqc.reshape(B, b, Dq)
-        UqT = eng.query_features(xqb).transpose(1, 2)  # (B, r, b)
+        UqT = eng.chunk_features(eng.query_features, xqb, "queries").transpose(1, 2)  # (B, r, b)
         Uk, Av, prev, xkb = [], [], [], []
         for s in range(nk):
             x, v = xs[1 + s], eng.values[s]
@@ -290,7 +290,7 @@ def causal_factorized(eng, initial: list[torch.Tensor] | None = None, key_offset
                 xk = F.pad(xk, (0, 0, front, back))
                 a = F.pad(a, (0, 0, front, back))
             xkb.append(xk.reshape(B, b, x.shape[-1]))
-            U = eng.key_features(xkb[-1])  # (B, b, r)
+            U = eng.chunk_features(eng.key_features, xkb[-1], f"keys {s}")  # (B, b, r)
             a = a.reshape(B, b, widths[s])
             # block states: [v|1]^T U (w x r) is the fast GEMM orientation (as in ``_state``); the
             # prefix scan copies it to (r, w) (1/b the size of U) so the combine reads contiguously
