@@ -138,11 +138,12 @@ def feature_map_t(xt: torch.Tensor, g: int, out: torch.Tensor | None = None) -> 
     rows = xt.split(1, dim=-2)
     lo, hi = 0, 1  # rows of the previous degree
     for t in range(1, g + 1):
+        width = sum(tab.prefix[t])  # the monomials of degree t
         prev = out.narrow(-2, lo, hi - lo)
-        blocks = out.narrow(-2, hi, sum(tab.prefix[t])).split(tab.prefix[t], dim=-2)
+        blocks = out.narrow(-2, hi, width).split(tab.prefix[t], dim=-2)
         for c, cnt in enumerate(tab.prefix[t]):
             torch.mul(prev.narrow(-2, 0, cnt), rows[c], out=blocks[c])
-        lo, hi = hi, hi + sum(tab.prefix[t])
+        lo, hi = hi, hi + width
     return out
 
 

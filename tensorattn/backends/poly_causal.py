@@ -133,7 +133,7 @@ def polynomial_score_kernel(coeffs, scale: float):
     Cost b^{h+1} (D + g) per block instead of b^{h+1} r. ``xq`` (B, b, D), ``xks`` h tensors
     (B, b_t, D); result in the layout (B, j_h, .., j_1, i) of the feature path. The non-causal
     direct form (``FactorizedAttention.direct``) calls it with all queries and keys of a chunk."""
-    cs = [float(c) for c in np.asarray(coeffs, dtype=np.float64).tolist()]
+    cs = np.asarray(coeffs, dtype=np.float64).tolist()  # Python floats
     tensors: dict = {}  # the coefficients as 0-d tensors of each dtype (addcmul adds a tensor)
 
     def kernel(xq: torch.Tensor, xks: list[torch.Tensor]) -> torch.Tensor:

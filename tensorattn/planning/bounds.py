@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..inputs import Operands, term_operands
+from ..inputs import Operands, max_abs, term_operands
 from ..request import Problem, Request, TermStats
 from .relative import max_spectral_norm, relative_support
 
@@ -67,6 +67,12 @@ def _max_row_norm(flat: torch.Tensor, top: float) -> float:
     return float(torch.linalg.vector_norm(flat / step, dim=-1).amax()) * step
 
 
+def _top(ops: Operands, t: torch.Tensor) -> float:
+    """max |entry| of ``t``: the one ``prepare`` measured on this very array, else one pass."""
+    known = ops.known_max(t)
+    return max_abs([t])[0] if known is None else known
+
+
 def operand_maxima(ops: Operands) -> OperandMaxima:
     spec = ops.spec
     arrays = [ops.q, *ops.keys]
@@ -81,16 +87,13 @@ def operand_maxima(ops: Operands) -> OperandMaxima:
                     linf.append(0.0)
                     continue
                 flat = t.detach().reshape(Z, t.shape[1], -1)
-                top = ops.known_max(t)
-                if top is None:
-                    top = float(torch.linalg.vector_norm(flat, ord=math.inf))  # max |entry|, one pass
+                top = _top(ops, t)
                 l2.append(_max_row_norm(flat, top) * _missing_factor(feats, term.contracted, ops.sizes))
                 linf.append(top)
         wnorm = 1.0
         if ops.rel is not None and ops.rel.numel():
             wnorm = max_spectral_norm(ops.rel)
-        vals = [0.0 if not v.numel() else ops.known_max(v) if ops.known_max(v) is not None
-                else float(torch.linalg.vector_norm(v.detach(), ord=math.inf)) for v in ops.values]
+        vals = [_top(ops, v) for v in ops.values]
     return OperandMaxima(tuple(l2), tuple(linf), tuple(vals), wnorm)
 
 
