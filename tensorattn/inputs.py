@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, lru_cache
 from typing import Any
 
 import numpy as np
@@ -68,7 +68,7 @@ class Operands:
     def order(self) -> int:
         return self.spec.order
 
-    @property
+    @cached_property
     def D(self) -> int:
         return self.spec.feature_dim(self.sizes)
 
@@ -188,6 +188,9 @@ def _check_float(t: torch.Tensor, name: str) -> None:
 def max_abs(tensors: list[torch.Tensor]) -> list[float]:
     """max |entry| of every tensor (0.0 for an empty one; NaN or inf where it has a non-finite
     entry), one reduction each (a read-back per tensor is cheaper than stacking them)."""
+    if len(tensors) > 1 and all(t.device.type == "cpu" and t.numel() for t in tensors):
+        # one dispatch for all of them (CPU: the per-tensor reduction, so NaN propagates as below)
+        return [float(x) for x in torch._foreach_norm([t.detach() for t in tensors], math.inf)]
     return [float(torch.linalg.vector_norm(t.detach(), ord=math.inf)) if t.numel() else 0.0 for t in tensors]
 
 
@@ -234,23 +237,24 @@ def as_list(x: Any, name: str, count: int, spec: Spec) -> list:
     return list(x)
 
 
-def _shapes(spec: Spec, arrays: list[torch.Tensor], names: list[str]) -> tuple[tuple[int, ...], dict[str, int]]:
+def _shapes(spec: Spec, shapes: list[tuple[int, ...]], names: list[str]) -> tuple[tuple[int, ...], dict[str, int]]:
     """Leading dims (equal for every operand) and the size of every feature index (for a slot that
-    concatenates per-term blocks, the size of each block letter too)."""
+    concatenates per-term blocks, the size of each block letter too), from the operands' shapes."""
     se = spec.slots
     sizes: dict[str, int] = {}
     lead: tuple[int, ...] | None = None
-    for slot, (t, nm, feats) in enumerate(zip(arrays, names, se.features)):
+    for slot, (shape, nm, feats) in enumerate(zip(shapes, names, se.features)):
         need = 1 + len(feats)
-        if t.ndim == 0:
+        ndim = len(shape)
+        if ndim == 0:
             raise InputError(f"{nm} is a scalar (0-dim tensor); attention needs an array shaped "
                              f"(..., tokens, {', '.join(feats)})")
-        if t.ndim < need:
+        if ndim < need:
             raise InputError(
-                f"{nm} has shape {tuple(t.shape)} but spec {spec.name!r} operand "
+                f"{nm} has shape {tuple(shape)} but spec {spec.name!r} operand "
                 f"{se.operands[slot]!r} needs at least {need} dims (..., tokens, {', '.join(feats)})"
             )
-        this_lead = tuple(t.shape[: t.ndim - need])
+        this_lead = tuple(shape[: ndim - need])
         if lead is None:
             lead = this_lead
         elif this_lead != lead:
@@ -258,10 +262,10 @@ def _shapes(spec: Spec, arrays: list[torch.Tensor], names: list[str]) -> tuple[t
                 f"leading (batch/head) dims of {nm} are {this_lead} but q has {lead}; they must be "
                 "equal (no broadcasting). Fix: expand or reshape so the leading dims match"
             )
-        for letter, size in zip(feats, t.shape[t.ndim - len(feats):]):
+        for letter, size in zip(feats, shape[ndim - len(feats):]):
             if size == 0:
                 raise InputError(
-                    f"{nm} has shape {tuple(t.shape)}: feature index {letter!r} of spec {spec.name!r} has size 0, "
+                    f"{nm} has shape {tuple(shape)}: feature index {letter!r} of spec {spec.name!r} has size 0, "
                     "so every score would be an empty sum (0) and attention a plain average of the values. "
                     "Fix: give every feature index at least one entry"
                 )
@@ -333,19 +337,19 @@ def _block_sizes(spec: Spec, slot: int, blocks: tuple[str, ...], width: int, nam
         sizes[b] = size
 
 
-def _value_sizes(spec: Spec, values: list[torch.Tensor], names: list[str], knames: list[str],
+def _value_sizes(spec: Spec, values: list[tuple[int, ...]], names: list[str], knames: list[str],
                  lead: tuple[int, ...], ms: tuple[int, ...]) -> dict[str, int]:
     ve = spec.value_einsum
     value_sizes: dict[str, int] = {}
-    for slot, (t, nm, letters) in enumerate(zip(values, names, ve.value_letters)):
+    for slot, (shape, nm, letters) in enumerate(zip(values, names, ve.value_letters)):
         want = len(lead) + 1 + len(letters)
-        if t.ndim != want or tuple(t.shape[: len(lead)]) != lead or t.shape[len(lead)] != ms[slot]:
+        if len(shape) != want or tuple(shape[: len(lead)]) != lead or shape[len(lead)] != ms[slot]:
             raise InputError(
-                f"{nm} has shape {tuple(t.shape)} but needs {(*lead, ms[slot], *(['*'] * len(letters)))} "
+                f"{nm} has shape {tuple(shape)} but needs {(*lead, ms[slot], *(['*'] * len(letters)))} "
                 f"(leading dims of q, the {ms[slot]} tokens of {knames[slot]}, then value index "
                 f"{', '.join(letters) or 'none'} of {ve.operands[slot]!r})"
             )
-        for letter, size in zip(letters, t.shape[len(lead) + 1:]):
+        for letter, size in zip(letters, shape[len(lead) + 1:]):
             if letter in value_sizes and value_sizes[letter] != size:
                 raise InputError(
                     f"size of value index {letter!r} for {nm} ({size}) does not match previous "
@@ -418,6 +422,44 @@ def _prepare_masks(key_padding_mask, attn_mask, request: Request, lead: tuple[in
     return key_bias, general, causal
 
 
+@dataclass(frozen=True)
+class _Layout:
+    """What a call's shapes and settings determine: the leading dims, token counts, index sizes and
+    the resolved scale."""
+
+    lead: tuple[int, ...]
+    n: int
+    ms: tuple[int, ...]
+    sizes: dict[str, int]
+    value_sizes: dict[str, int]
+    D: int
+    scale: float
+
+
+@lru_cache(maxsize=256)
+def _layout(spec: Spec, q_shape: tuple[int, ...], k_shapes: tuple[tuple[int, ...], ...],
+            v_shapes: tuple[tuple[int, ...], ...], causal: bool, q_offset: int | None,
+            scale: float | None) -> _Layout:
+    """The shape checks of ``prepare`` and what they find, once per distinct set of shapes (a model
+    calls with the same shapes layer after layer); a refused set raises every time."""
+    nk = spec.order - 1
+    knames = ["k"] if nk == 1 else [f"k[{i}]" for i in range(nk)]
+    vnames = ["v"] if nk == 1 else [f"v[{i}]" for i in range(nk)]
+    lead, sizes = _shapes(spec, [q_shape, *k_shapes], ["q", *knames])
+    n = int(q_shape[len(lead)])
+    ms = tuple(int(shape[len(lead)]) for shape in k_shapes)
+    for nm, shape, m in zip(knames, k_shapes, ms):
+        if m == 0:
+            raise InputError(
+                f"{nm} has 0 tokens (shape {tuple(shape)}); softmax over an empty key set is "
+                "undefined. Fix: pass at least one key"
+            )
+    value_sizes = _value_sizes(spec, list(v_shapes), vnames, knames, lead, ms)
+    check_positions(n, ms, causal, q_offset)
+    D = spec.feature_dim(sizes)
+    return _Layout(lead, n, ms, sizes, value_sizes, D, default_scale(D) if scale is None else scale)
+
+
 def prepare(spec: Spec, q, k, v, request: Request, spec_options: dict[str, Any] | None = None, *,
             k_offsets: tuple[int, ...] = (), key_padding_mask: Any = None, attn_mask: Any = None) -> Operands:
     """Validate and convert user arrays for ``spec`` under ``request``; apply RoPE rotations.
@@ -444,25 +486,15 @@ def prepare(spec: Spec, q, k, v, request: Request, spec_options: dict[str, Any] 
         if t.device != device:
             raise InputError(f"{nm} is on {t.device} but q is on {device}; move them to one device")
 
-    lead, sizes = _shapes(spec, [qt, *kts], ["q", *knames])
-    n = int(qt.shape[len(lead)])
-    ms = tuple(int(t.shape[len(lead)]) for t in kts)
-    for nm, t, m in zip(knames, kts, ms):
-        if m == 0:
-            raise InputError(
-                f"{nm} has 0 tokens (shape {tuple(t.shape)}); softmax over an empty key set is "
-                "undefined. Fix: pass at least one key"
-            )
-    value_sizes = _value_sizes(spec, vts, vnames, knames, lead, ms)
-    check_positions(n, ms, request.causal, request.q_offset)
+    lay = _layout(spec, tuple(qt.shape), tuple(tuple(t.shape) for t in kts), tuple(tuple(t.shape) for t in vts),
+                  request.causal, request.q_offset, request.scale)
+    lead, n, ms, D, scale = lay.lead, lay.n, lay.ms, lay.D, lay.scale
     q_offset = request.q_offset or 0
     tops = max_abs([qt, *kts, *vts])
     for t, nm, top in zip([qt, *kts, *vts], ["q", *knames, *vnames], tops):
         if not math.isfinite(top):
             check_finite(t, nm)  # raises, naming the first non-finite entry
 
-    D = spec.feature_dim(sizes)
-    scale = default_scale(D) if request.scale is None else request.scale
     compute = torch.float64 if any(t.dtype == torch.float64 for t in [qt, *kts, *vts]) else torch.float32
     Z = math.prod(lead)
     key_bias, general_mask, causal = _prepare_masks(key_padding_mask, attn_mask, request, lead, n, ms, compute,
@@ -483,13 +515,13 @@ def prepare(spec: Spec, q, k, v, request: Request, spec_options: dict[str, Any] 
     elif spec.positional == "relative":
         W = options.get("rel")
         Wt = None if W is None else to_tensor(W, "rel")[0]
-        positional.check_rel(Wt, n, ms[0], sizes["d"], q_offset)
+        positional.check_rel(Wt, n, ms[0], lay.sizes["d"], q_offset)
         _check_float(Wt, "rel")
         check_finite(Wt, "rel")
         rel = Wt.to(device=device, dtype=compute)
     return Operands(
-        spec=spec, q=qf, keys=tuple(kfs), values=tuple(vfs), lead=lead, n=n, ms=ms, sizes=sizes,
-        value_sizes=value_sizes, scale=float(scale), causal=causal, q_offset=q_offset,
+        spec=spec, q=qf, keys=tuple(kfs), values=tuple(vfs), lead=lead, n=n, ms=ms, sizes=dict(lay.sizes),
+        value_sizes=dict(lay.value_sizes), scale=float(scale), causal=causal, q_offset=q_offset,
         k_offsets=k_offsets, rel=rel, alibi_slope=float(options.get("alibi_slope") or 0.0),
         kind=kind, out_dtype=out_dtype, device=device, key_bias=key_bias, attn_mask=general_mask, maxabs=maxabs,
     )

@@ -63,17 +63,31 @@ def _chebyshev_coefficients(beta: float, g: int) -> np.ndarray:
         return np.array([1.0 / math.factorial(t) for t in range(g + 1)])
     # exact rational arithmetic in Python integers, one correctly rounded division per coefficient:
     # a_k = ints[k] / den (the float Bessel values, exactly), c_t = sum_k a_k T_k[t] / beta^t
-    cheb = [x * (1 if k == 0 else 2) for k, x in enumerate(special.iv(np.arange(g + 1), beta).tolist())]
-    ratios = [x.as_integer_ratio() for x in cheb]
+    ratios = [x.as_integer_ratio() for x in special.iv(_orders(g), beta).tolist()]
     den = max(d for _, d in ratios)  # powers of two: each divides the largest
-    ints = [num * (den // d) for num, d in ratios]
     mono = [0] * (g + 1)
-    for k, a in enumerate(ints):
-        for t, c in enumerate(_chebyshev_monomials(k)):
-            if c:
-                mono[t] += a * c
+    for k, (num, d) in enumerate(ratios):
+        a = num * (den // d) * (1 if k == 0 else 2)
+        for t, c in _chebyshev_terms(k):
+            mono[t] += a * c
     p, q = beta.as_integer_ratio()  # beta = p / q, so 1 / beta^t = q^t / p^t
-    return np.array([(mono[t] * q**t) / (den * p**t) for t in range(g + 1)])
+    out, qt, pt = [], 1, den
+    for m in mono:
+        out.append((m * qt) / pt)
+        qt, pt = qt * q, pt * p
+    return np.array(out)
+
+
+@lru_cache(maxsize=None)
+def _orders(g: int) -> np.ndarray:
+    """0, 1, ..., g: the Bessel orders of a degree-g series."""
+    return np.arange(g + 1)
+
+
+@lru_cache(maxsize=None)
+def _chebyshev_terms(k: int) -> tuple[tuple[int, int], ...]:
+    """(t, coefficient) of the nonzero monomials of T_k."""
+    return tuple((t, c) for t, c in enumerate(_chebyshev_monomials(k)) if c)
 
 
 @lru_cache(maxsize=1024)
@@ -192,6 +206,7 @@ class Chebyshev(Approximant):
     truncation_grows = True
 
     @staticmethod
+    @lru_cache(maxsize=1024)  # the degree search and the certificate ask for the same (beta, g)
     def _tail(beta: float, g: int) -> float:
         """Rigorous bound on sum_{k>g} I_k(beta), scaled by e^-beta (i.e. using ive)."""
         if beta == 0.0:
@@ -208,8 +223,7 @@ class Chebyshev(Approximant):
 
     def _coefficient_input_error(self, beta: float, g: int) -> float:
         # Bessel values carry relative error <= BESSEL_REL_ERR; |T_k| <= 1 on [-1, 1]
-        ks = np.arange(g + 1)
-        total = float(special.ive(ks, beta).sum()) * 2.0 * math.exp(beta)
+        total = float(special.ive(_orders(g), beta).sum()) * 2.0 * math.exp(beta)
         return BESSEL_REL_ERR * total * math.exp(beta)
 
     def coefficients(self, beta: float, g: int) -> np.ndarray:

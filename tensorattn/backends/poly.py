@@ -232,7 +232,7 @@ class FactorizedAttention:
             A = self.score_kernel(xq[:, i0: i0 + chunk], [xk])  # (Z, m, c): P(s_ij) at [j, i]
             if weight is not None:
                 A = A * weight[..., None]
-            num = (vt @ A).transpose(1, 2)  # (Z, c, e)
+            num = torch.bmm(vt, A).transpose(1, 2)  # (Z, c, e)
             den = A.sum(dim=1)[..., None]  # (Z, c, 1)
             outs.append(self.normalize(torch.cat([num, den], dim=-1), i0, i0 + num.shape[1])
                         if self.visible is not None else num / den)

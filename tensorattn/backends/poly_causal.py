@@ -142,7 +142,7 @@ def polynomial_score_kernel(coeffs, scale: float):
         for xk in xks[:-1]:  # (B, j_{t}, .., i, D), D innermost
             X = X.unsqueeze(1) * xk.reshape(B, xk.shape[1], *([1] * (X.dim() - 2)), D)
         lengths = [xk.shape[1] for xk in reversed(xks)]
-        s = (xks[-1] @ X.reshape(B, -1, D).transpose(1, 2)).reshape(B, *lengths, b)
+        s = torch.bmm(xks[-1], X.reshape(B, -1, D).transpose(1, 2)).reshape(B, *lengths, b)
         if len(cs) == 1:
             return torch.full_like(s, cs[0])
         ct = tensors.get((s.dtype, s.device))

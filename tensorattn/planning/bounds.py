@@ -74,26 +74,26 @@ def _top(ops: Operands, t: torch.Tensor) -> float:
 
 
 def operand_maxima(ops: Operands) -> OperandMaxima:
+    """The maxima of every operand; each reduction reads a detached view, so none enters a graph."""
     spec = ops.spec
     arrays = [ops.q, *ops.keys]
-    with torch.no_grad():
-        Z = ops.q.shape[0]
-        l2 = []
-        linf = []
-        for term in spec.terms:
-            for t, feats in zip(term_operands(spec, ops.sizes, arrays, term), term.einsum.features):
-                if t.numel() == 0:
-                    l2.append(0.0)
-                    linf.append(0.0)
-                    continue
-                flat = t.detach().reshape(Z, t.shape[1], -1)
-                top = _top(ops, t)
-                l2.append(_max_row_norm(flat, top) * _missing_factor(feats, term.contracted, ops.sizes))
-                linf.append(top)
-        wnorm = 1.0
-        if ops.rel is not None and ops.rel.numel():
-            wnorm = max_spectral_norm(ops.rel)
-        vals = [_top(ops, v) for v in ops.values]
+    Z = ops.q.shape[0]
+    l2 = []
+    linf = []
+    for term in spec.terms:
+        for t, feats in zip(term_operands(spec, ops.sizes, arrays, term), term.einsum.features):
+            if t.numel() == 0:
+                l2.append(0.0)
+                linf.append(0.0)
+                continue
+            flat = t.detach().reshape(Z, t.shape[1], -1)
+            top = _top(ops, t)
+            l2.append(_max_row_norm(flat, top) * _missing_factor(feats, term.contracted, ops.sizes))
+            linf.append(top)
+    wnorm = 1.0
+    if ops.rel is not None and ops.rel.numel():
+        wnorm = max_spectral_norm(ops.rel)
+    vals = [_top(ops, v) for v in ops.values]
     return OperandMaxima(tuple(l2), tuple(linf), tuple(vals), wnorm)
 
 

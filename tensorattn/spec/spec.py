@@ -138,8 +138,12 @@ class Spec:
         blocks = None if self.block_sizes is None else tuple(sorted(self.block_sizes.items()))
         return (self.name, self.score, self.value, self.positional, self.coefficients, blocks)
 
-    def __hash__(self) -> int:
+    @cached_property
+    def _hash(self) -> int:
         return hash(self._key())
+
+    def __hash__(self) -> int:  # specs key the layout, plan and expression caches of every call
+        return self._hash
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Spec):
