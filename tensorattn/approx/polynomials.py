@@ -223,7 +223,7 @@ class Chebyshev(Approximant):
 
     def _coefficient_input_error(self, beta: float, g: int) -> float:
         # Bessel values carry relative error <= BESSEL_REL_ERR; |T_k| <= 1 on [-1, 1]
-        total = float(special.ive(_orders(g), beta).sum()) * 2.0 * math.exp(beta)
+        total = sum(special.ive(_orders(g), beta).tolist()) * 2.0 * math.exp(beta)
         return BESSEL_REL_ERR * total * math.exp(beta)
 
     def coefficients(self, beta: float, g: int) -> np.ndarray:

@@ -126,6 +126,23 @@ def _schedule(terms: list[_Term], b: int, nk: int, kernel: bool = False) -> _Sch
 # --------------------------------------------------------------------------- score kernel
 
 
+#: 0-d tensors of recent scalars by (value, dtype, device): an op with a Python number wraps it in a
+#: new tensor every call, which at small sizes costs as much as the op itself
+_SCALARS: dict = {}
+
+
+def scalar(x: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``x`` as a 0-d tensor of ``dtype`` (float32 or float64: the value an op would round a Python
+    number to), made once per (value, dtype, device)."""
+    key = (x, dtype, device)
+    t = _SCALARS.get(key)
+    if t is None:
+        if len(_SCALARS) >= 256:
+            _SCALARS.clear()
+        t = _SCALARS[key] = torch.tensor(x, dtype=dtype, device=device)
+    return t
+
+
 def polynomial_score_kernel(coeffs, scale: float):
     """sum_r w_r Uq[i, r] prod_t U_t[j_t, r] of the certified polynomial features, computed from
     the scores: P(scale * sum_D xq[i] prod_t xk_t[j_t]) with P(s) = sum_t coeffs[t] s^t (Horner).
@@ -138,7 +155,7 @@ def polynomial_score_kernel(coeffs, scale: float):
 
     def kernel(xq: torch.Tensor, xks: list[torch.Tensor]) -> torch.Tensor:
         B, b, D = xq.shape
-        X = xq * scale  # D per token: cheaper than scaling the b^h scores
+        X = xq * scalar(scale, xq.dtype, xq.device)  # D per token: cheaper than scaling the b^h scores
         for xk in xks[:-1]:  # (B, j_{t}, .., i, D), D innermost
             X = X.unsqueeze(1) * xk.reshape(B, xk.shape[1], *([1] * (X.dim() - 2)), D)
         lengths = [xk.shape[1] for xk in reversed(xks)]
