@@ -156,13 +156,14 @@ class FactorizedAttention:
                weight: torch.Tensor | None = None) -> torch.Tensor:
         stop = x.shape[1] if stop is None else stop
         chunk = self.token_chunk(x.shape[0])
-        state = x.new_zeros(x.shape[0], self.rank, v.shape[-1] + 1)
+        state = None
         for j0 in range(start, stop, chunk):
             j1 = min(stop, j0 + chunk)
             # ([v|1]^T U)^T: with U a tokens-last buffer this GEMM runs ~2.5x faster than U^T [v|1]
             U = self.masked_features(x, weight, j0, j1)
-            state = state + (augment(v[:, j0:j1]).transpose(1, 2) @ U).transpose(1, 2)
-        return state
+            part = (augment(v[:, j0:j1]).transpose(1, 2) @ U).transpose(1, 2)
+            state = part if state is None else state + part
+        return x.new_zeros(x.shape[0], self.rank, v.shape[-1] + 1) if state is None else state
 
     def token_chunk(self, Z: int) -> int:
         """Tokens per feature chunk: within the memory budget, and small enough that a chunk's
@@ -182,13 +183,18 @@ class FactorizedAttention:
     def combine(self, states: list[torch.Tensor]) -> torch.Tensor:
         """Value einsum on the numerators (entrywise in r), product of normalizers, times the query
         weights: (..., r, E+1)."""
-        lead = states[0].shape[:-1]
-        nums = [s[..., :-1].reshape(*lead, *vs) for s, vs in zip(states, self.value_shapes)]
-        num = contract(self.combine_expr, *nums).reshape(*lead, -1)
-        den = states[0][..., -1:]
-        for s in states[1:]:
-            den = den * s[..., -1:]
-        combined = torch.cat([num, den], dim=-1)
+        if self.ops.spec.value_einsum.entrywise:  # the default: [v | 1] columns multiply entrywise
+            combined = states[0]
+            for s in states[1:]:
+                combined = combined * s
+        else:
+            lead = states[0].shape[:-1]
+            nums = [s[..., :-1].reshape(*lead, *vs) for s, vs in zip(states, self.value_shapes)]
+            num = contract(self.combine_expr, *nums).reshape(*lead, -1)
+            den = states[0][..., -1:]
+            for s in states[1:]:
+                den = den * s[..., -1:]
+            combined = torch.cat([num, den], dim=-1)
         w = self.weights()
         if w is not None:
             combined = combined * w[:, None]
