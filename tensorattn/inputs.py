@@ -488,7 +488,7 @@ def prepare(spec: Spec, q, k, v, request: Request, spec_options: dict[str, Any] 
 
     lay = _layout(spec, tuple(qt.shape), tuple(tuple(t.shape) for t in kts), tuple(tuple(t.shape) for t in vts),
                   request.causal, request.q_offset, request.scale)
-    lead, n, ms, D, scale = lay.lead, lay.n, lay.ms, lay.D, lay.scale
+    lead, n, ms, scale = lay.lead, lay.n, lay.ms, lay.scale
     q_offset = request.q_offset or 0
     tops = max_abs([qt, *kts, *vts])
     for t, nm, top in zip([qt, *kts, *vts], ["q", *knames, *vnames], tops):
