@@ -149,3 +149,34 @@ def test_degree_search_start_skips_only_failing_degrees(name, beta, tol):
     assert all(output_error(approx.truncation_error(beta, g)) > tol for g in range(min(start, 41)))
     full = next((g for g in range(41) if output_error(approx.truncation_error(beta, g)) <= tol), 41)
     assert start <= full
+
+
+@given(st.sampled_from(["chebyshev", "taylor"]), st.floats(1e-6, 17.9), st.integers(0, 40))
+def test_derivative_floor_is_below_the_bound(name, beta, g):
+    """The gradient pre-check's floor never exceeds the derivative truncation bound it stands for."""
+    from tensorattn.approx.polynomials import get_approximant
+
+    approx = get_approximant(name)
+    assert 0.0 <= approx.derivative_truncation_floor(beta, g) <= approx.derivative_truncation_error(beta, g)
+
+
+@given(st.sampled_from(["chebyshev", "taylor"]), st.floats(1e-6, 17.9), st.sampled_from([1e-1, 1e-2, 1e-3, 1e-6]),
+       st.integers(1, 64), st.integers(1, 1 << 14), st.integers(2, 4), st.sampled_from(["float32", "float64"]))
+def test_gradient_degree_search_matches_the_plain_search(name, beta, tol, D, m, order, dtype):
+    """With need_grad, the degree search (first candidate per octave, gradient floor) returns the
+    certificate of the plain search that certifies every degree from 0 in turn."""
+    from tensorattn.approx.polynomials import get_approximant
+    from tensorattn.planning.certificate import FLOAT32_MAX_BETA, certify, choose_certificate
+
+    approx = get_approximant(name)
+    got = choose_certificate(approx, beta, tol, D, m, order, input_dtype=dtype, max_degree=40, need_grad=True)
+    want = None
+    for g in range(41):
+        cert = certify(approx, beta, g, D, m, order, dtype)
+        if dtype == "float32" and (beta > FLOAT32_MAX_BETA or cert.roundoff > tol / 2
+                                   or cert.derivative_roundoff > tol / 8):
+            cert = certify(approx, beta, g, D, m, order, "float64")
+        if cert.output_error <= tol and cert.grad_factor <= tol:
+            want = cert
+            break
+    assert got == want

@@ -184,6 +184,12 @@ class Approximant:
         """Rigorous bound on max |P_g'(s) - e^s| / e^s over |s| <= beta, in exact arithmetic."""
         raise NotImplementedError
 
+    def derivative_truncation_floor(self, beta: float, g: int) -> float:
+        """A cheap number never above ``derivative_truncation_error(beta, g)`` as computed (0.0 when
+        the approximant has none): the degree search skips, without computing the whole gradient
+        certificate, a degree whose gradient bound this already puts past tol."""
+        return 0.0
+
     def _derivative_input_error(self, beta: float, g: int) -> float:
         return 0.0
 
@@ -242,6 +248,14 @@ class Chebyshev(Approximant):
         tail = float(np.sum(terms)) + float(terms[-1]) * rho / (1.0 - rho)
         return math.exp(2.0 * beta) * tail / beta
 
+    def derivative_truncation_floor(self, beta: float, g: int) -> float:
+        # the first term (k = g + 1) of the sum above, without its (1 + BESSEL_REL_ERR): the sum of
+        # nonnegative terms, rounded, is never below it, and the same positive factors follow
+        if beta == 0.0:
+            return 0.0
+        k = float(g + 1)
+        return math.exp(2.0 * beta) * (2.0 * k**2 * float(special.ive(g + 1, beta))) / beta
+
     def _derivative_input_error(self, beta: float, g: int) -> float:
         # Bessel values carry relative error <= BESSEL_REL_ERR; |T_k'(t)| / beta <= k^2 / beta
         if beta == 0.0:
@@ -270,6 +284,9 @@ class Taylor(Approximant):
         if beta == 0.0:
             return 0.0 if g >= 1 else 1.0
         return math.exp(2.0 * beta + g * math.log(beta) - math.lgamma(g + 1))
+
+    def derivative_truncation_floor(self, beta: float, g: int) -> float:
+        return self.derivative_truncation_error(beta, g)  # as cheap as a floor would be
 
 
 APPROXIMANTS: dict[str, Approximant] = {"chebyshev": Chebyshev(), "taylor": Taylor()}

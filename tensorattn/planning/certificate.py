@@ -30,6 +30,10 @@ FLOAT32_SAFE_RANGE = 2.0 ** 100
 FLOAT64_SAFE_RANGE = 2.0 ** 1000
 #: beyond this score radius even float64 roundoff (~u e^{2 beta}) exceeds any useful tolerance
 MAX_CERTIFIABLE_BETA = 18.0
+#: ``choose_certificate`` skips a degree when a floor of its gradient bound exceeds tol times this;
+#: the margin (far above any rounding difference between the floor and the bound) keeps it from
+#: ever skipping a degree that the whole bound would pass
+GRADIENT_SKIP_MARGIN = 1.0 + 1e-6
 #: float32 features are refused above this beta: cancellation makes roundoff ~ u e^{2 beta}
 #: (docs/design.md#numerics)
 FLOAT32_MAX_BETA = 4.0
@@ -131,6 +135,13 @@ def gradient_factor(eps: float, deps: float) -> float:
     return float(2.0 * (eps + deps) / (1.0 - eps) + output_error(eps))
 
 
+def gradient_floor(trunc: float, derivative_floor: float) -> float:
+    """A floor of ``gradient_factor(eps, eps')`` from floors of its parts: eps >= the truncation
+    error ``trunc`` and eps' >= ``derivative_floor`` (``Approximant.derivative_truncation_floor``),
+    since the other parts of each are >= 0, and 1 - eps <= 1."""
+    return 2.0 * (trunc + derivative_floor) + output_error(trunc)
+
+
 def certify(approx: Approximant, beta: float, g: int, D: int, m: int, order: int, dtype: str) -> Certificate:
     r = rank_for(D, g)
     eps = approx.certified_error(beta, g)
@@ -159,8 +170,11 @@ def choose_certificate(
     if not beta <= MAX_CERTIFIABLE_BETA:
         return None
     for g in range(first_candidate_degree(approx, beta, tol, max_degree), max_degree + 1):
-        if output_error(approx.truncation_error(beta, g)) > tol:
+        trunc = approx.truncation_error(beta, g)
+        if output_error(trunc) > tol:
             continue  # the truncation alone is too large: skip the costlier parts of the bound
+        if need_grad and gradient_floor(trunc, approx.derivative_truncation_floor(beta, g)) > tol * GRADIENT_SKIP_MARGIN:
+            continue  # the gradient bound is at least this: it fails whatever the rest adds
         dtype = feature_dtype or input_dtype
         cert = certify(approx, beta, g, D, m, order, dtype)
         if feature_dtype is None and dtype == "float32":
