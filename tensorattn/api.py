@@ -74,9 +74,11 @@ def _guard_gradients(ops: Operands, backend: str) -> None:
         # one reduction: max |entry| is finite iff every entry is (NaN propagates through it)
         if grad is not None and grad.numel() and not math.isfinite(float(torch.linalg.vector_norm(grad, ord=math.inf))):
             raise InputError(
-                f"backend={backend!r}: the gradient overflowed in {grad.dtype} at these inputs although the "
-                "output is finite (the scores are so large that softmax is a hard argmax, whose gradient is "
-                "ill-conditioned). Fix: rescale q and the keys (or the scale) toward magnitude 1, or use float64"
+                f"backend={backend!r}: a gradient of shape {tuple(grad.shape)} overflowed {grad.dtype}'s largest "
+                f"finite number ({torch.finfo(grad.dtype).max:.4g}) at these inputs although the output is finite "
+                "(values near that size scale every gradient, and large scores make softmax a hard argmax whose "
+                "gradient is ill-conditioned). Fix: rescale the values, q and the keys (or the scale) toward "
+                "magnitude 1, or use float64"
             )
         return grad
 

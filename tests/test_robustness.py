@@ -390,3 +390,18 @@ def test_value_rescaling_never_overflows_on_the_way_back(backend, values):
     want = reference_attention(q, ks, vs, spec=spec, causal=True)
     assert np.isfinite(out).all()
     assert np.abs(out - want).max() <= info.error_bound
+
+
+@pytest.mark.parametrize("backend", ["exact", "auto"])
+def test_gradient_overflow_is_an_input_error_from_backward(backend):
+    """Values near float32's largest number give a finite output but gradients past the range: the
+    backward raises an InputError that names the dtype, the limit and the fix, instead of returning
+    inf to the optimizer."""
+    gen = torch.Generator().manual_seed(0)
+    q = (torch.randn(1, 4, 2, generator=gen) * 3).requires_grad_()
+    k = (torch.randn(1, 4, 2, generator=gen) * 3).requires_grad_()
+    v = torch.rand(1, 4, 2, generator=gen) * 1e37
+    out = ta.attention(q, k, v, backend=backend, scale=1.0)
+    assert bool(torch.isfinite(out).all())
+    with pytest.raises(ta.InputError, match=r"overflowed torch.float32's largest finite number .*Fix: rescale"):
+        (out * 100).sum().backward()
