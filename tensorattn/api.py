@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 
@@ -100,13 +100,18 @@ def run_plan(plan: Plan, ops: Operands) -> torch.Tensor:
         return out
     backend = registered()[plan.backend]
     _guard_gradients(ops, plan.backend)
+    return on_unit_values(plan, ops, lambda unit: backend.run(plan, unit))
+
+
+def on_unit_values(plan: Plan, ops: Operands, run: Callable[[Operands], torch.Tensor]) -> torch.Tensor:
+    """``run(ops)`` as every frontend calls a backend: for values far from 1, on values near 1
+    (divided by the plan's powers of two, exactly), with the result scaled back in float64, where
+    the factor is representable, and rounded once to the compute dtype. The certificates count on
+    this: products of subnormal values would lose more than they allow."""
     divisors = plan.value_divisors
     if all(c == 1.0 for c in divisors):
-        return backend.run(plan, ops)
-    # values far from 1: run on values near 1 (powers of two, exact) and scale the result back in
-    # float64, where the factor is representable, rounding once to the compute dtype
-    ops = dataclasses.replace(ops, values=tuple(v / c for v, c in zip(ops.values, divisors)))
-    out = backend.run(plan, ops)
+        return run(ops)
+    out = run(dataclasses.replace(ops, values=tuple(v / c for v, c in zip(ops.values, divisors))))
     return scale_by_powers_of_two(out.to(torch.float64), divisors).to(out.dtype)
 
 
@@ -127,7 +132,7 @@ _LARGEST = {name: float(torch.finfo(getattr(torch, name)).max)
             for name in ("float16", "bfloat16", "float32", "float64")}
 
 
-def _fits(out: torch.Tensor, plan: Plan, ops: Operands) -> torch.Tensor:
+def check_fits(out: torch.Tensor, plan: Plan, ops: Operands) -> torch.Tensor:
     """``out`` when it fits in the caller's dtype; an InputError instead of an inf after the cast."""
     top = _LARGEST[ops.out_dtype_name]
     if plan.vmax * 1.01 < top or out.numel() == 0:  # |out| <= vmax (up to the certified error)
@@ -152,7 +157,7 @@ def attend(spec: Spec, q: Any, k: Any, v: Any, request: Request, spec_options: M
                   attn_mask=attn_mask)
     maxima = operand_maxima(ops)  # the bounds and the gradient certificate share one pass over the inputs
     plan = plan_for(ops, request, maxima=maxima)
-    result = ops.restore(_fits(run_plan(plan, ops), plan, ops))
+    result = ops.restore(check_fits(run_plan(plan, ops), plan, ops))
     if return_info:
         return result, AttentionInfo.from_plan(plan, certify_gradients(plan, ops, maxima))
     return result

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .api import AttentionInfo
+from .api import AttentionInfo, check_fits, on_unit_values
 from .backends.exact import TileEngine, backward_buffers, stream_backward, stream_forward
 from .backends.poly import polynomial_engine
 from .errors import InputError
@@ -724,13 +724,16 @@ def attention(q: Any, k: Any, v: Any, *, spec: str | Spec = "pairwise", group=No
     whole = _global_view(ops, layout)
     plan = plan_for(whole, request, maxima=maxima)
     # with grad: autograd records the local engines and the cross-rank autograd.Functions
+    # values far from 1 run as values near 1 and are scaled back, as on one process; the divisors
+    # come from the global maxima, so every rank divides by the same powers of two
     with contextlib.nullcontext() if ops.tracks_grad else torch.no_grad():
         if plan.backend == "poly":
-            out = _poly(plan, ops, comm, layout)
+            out = on_unit_values(plan, ops, lambda unit: _poly(plan, unit, comm, layout))
         else:  # in float64 where float32 could overflow, as the exact backend does
             wide = ops.to(torch.float64 if plan.exact_dtype == "float64" else ops.dtype)
-            out = _exact(wide, comm, layout, request.memory_budget).to(ops.dtype)
-    result = ops.restore(out)
+            out = on_unit_values(plan, wide, lambda unit: _exact(unit, comm, layout, request.memory_budget))
+            out = out.to(ops.dtype)
+    result = ops.restore(check_fits(out, plan, ops))
     if return_info:
         return result, AttentionInfo.from_plan(plan, certify_gradients(plan, whole, maxima))
     return result

@@ -358,12 +358,35 @@ def _training_example(rank: int, world: int) -> None:
     assert example.compare(sharded, example.train(**kw)) <= 1e-4, sharded
 
 
+def _values_far_from_one(rank: int, world: int) -> None:
+    """Subnormal and huge float32 values: each rank runs on values near 1 and scales back, as one
+    process does (the same global powers of two), so the result is the single-process one and within
+    the certificate, which allows half a subnormal for that rounding (two before, on raw values)."""
+    n, d = 12, 4
+    cuts = _bounds(n, world)
+    sl = slice(cuts[rank], cuts[rank + 1])
+    gen = np.random.default_rng(3)
+    for vmag in (1e-44, 1e-41, 1e37):
+        q, k = (gen.uniform(-1, 1, (1, n, d)).astype(np.float32) for _ in range(2))
+        v = (gen.uniform(-1, 1, (1, n, d)) * vmag).astype(np.float32)
+        ref = reference_attention(*(a.astype(np.float64) for a in (q, k, v)), scale=0.5)[:, sl]
+        for backend in ("exact", "poly"):
+            out, info = ta.distributed.attention(q[:, sl], k[:, sl], v[:, sl], backend=backend, scale=0.5,
+                                                 return_info=True)
+            single = ta.attention(q, k, v, backend=backend, scale=0.5)[:, sl]
+            where = f"rank {rank} {backend} values ~{vmag:g}"
+            assert float(np.abs(out.astype(np.float64) - single).max()) <= info.error_bound, where
+            err = float(np.abs(out.astype(np.float64) - ref).max())
+            assert err <= info.error_bound, f"{where}: error {err:.3e} > certified {info.error_bound:.3e}"
+
+
 def _two_rank_checks(rank: int, world: int) -> None:
     _matches_single_process(rank, world)
     _gradients_match_single_process(rank, world)
     _cross_attention_and_custom_spec(rank, world)
     _bad_shards(rank, world)
     _training_example(rank, world)
+    _values_far_from_one(rank, world)
 
 
 # --------------------------------------------------------------------------- tests

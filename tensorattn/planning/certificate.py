@@ -173,7 +173,8 @@ def choose_certificate(
         trunc = approx.truncation_error(beta, g)
         if output_error(trunc) > tol:
             continue  # the truncation alone is too large: skip the costlier parts of the bound
-        if need_grad and gradient_floor(trunc, approx.derivative_truncation_floor(beta, g)) > tol * GRADIENT_SKIP_MARGIN:
+        if need_grad and (gradient_floor(trunc, approx.derivative_truncation_floor(beta, g))
+                          > tol * GRADIENT_SKIP_MARGIN):
             continue  # the gradient bound is at least this: it fails whatever the rest adds
         dtype = feature_dtype or input_dtype
         cert = certify(approx, beta, g, D, m, order, dtype)
