@@ -380,6 +380,52 @@ def _values_far_from_one(rank: int, world: int) -> None:
             assert err <= info.error_bound, f"{where}: error {err:.3e} > certified {info.error_bound:.3e}"
 
 
+def _scaled(x, mag: float, dtype: torch.dtype):
+    """``x * mag`` as a torch tensor of ``dtype`` (each array of a sequence)."""
+    if isinstance(x, (list, tuple)):
+        return tuple(_scaled(a, mag, dtype) for a in x)
+    return torch.from_numpy(x * mag).to(dtype)
+
+
+def _certificate_sweep(rank: int, world: int, cases: int = 40) -> None:
+    """Seeded random calls (spec, backend, causal, dtype, magnitudes of q, k and v from subnormal to
+    near the dtype's limit, scale, tol): every result is finite and within its certified error
+    bound, or the call raises a TensorAttnError, on every rank alike."""
+    gen = np.random.default_rng(123)
+    checked = 0
+    for case in range(cases):
+        spec = ("pairwise", "rope", "triple", "strassen", "tree")[gen.integers(5)]
+        backend = ("exact", "poly", "auto")[gen.integers(3)]
+        causal = bool(gen.integers(2))
+        dtype = ("float16", "bfloat16", "float32", "float64")[gen.integers(4)]
+        n, d = int(gen.integers(world, 9)), int(gen.choice([2, 4]))
+        qmag = 10 ** gen.uniform(-3, 1)
+        vmag = 10 ** (gen.uniform(-6, 4) if dtype == "float16" else
+                      gen.choice([gen.uniform(-42, -30), gen.uniform(-3, 3), gen.uniform(30, 37)]))
+        scale = float(gen.choice([0.25, 1.0, 10 ** gen.uniform(-3, 1)]))
+        tol = float(gen.choice([1e-1, 1e-2, 1e-3]))
+        q, k, v = random_inputs(spec, n=n, d=d, batch=(1,), dtype=np.float64, seed=case)
+
+        tdtype = getattr(torch, dtype)
+        Q, K, V = _scaled(q, qmag, tdtype), _scaled(k, qmag, tdtype), _scaled(v, vmag, tdtype)
+        cuts = _bounds(n, world)
+        kw = dict(spec=spec, backend=backend, causal=causal, scale=scale, tol=tol, on_unbounded="ignore")
+        where = f"rank {rank} case {case}: {spec} {backend} causal={causal} {dtype} |q| {qmag:.3g} |v| {vmag:.3g}"
+        try:
+            out, info = ta.distributed.attention(_shard(Q, rank, cuts), _shard(K, rank, cuts), _shard(V, rank, cuts),
+                                                 return_info=True, **kw)
+        except ta.TensorAttnError:
+            continue
+        wide = lambda x: tuple(t.double().numpy() for t in x) if isinstance(x, tuple) else x.double().numpy()  # noqa: E731
+        ref = reference_attention(wide(Q), wide(K), wide(V), spec=spec, scale=scale, causal=causal)
+        got = out.double().numpy()
+        assert np.isfinite(got).all(), where
+        err = float(np.abs(got - ref[..., cuts[rank]: cuts[rank + 1], :]).max())
+        assert err <= info.error_bound, f"{where}: error {err:.3e} > certified {info.error_bound:.3e}"
+        checked += 1
+    assert checked >= cases // 2, checked
+
+
 def _two_rank_checks(rank: int, world: int) -> None:
     _matches_single_process(rank, world)
     _gradients_match_single_process(rank, world)
@@ -387,6 +433,7 @@ def _two_rank_checks(rank: int, world: int) -> None:
     _bad_shards(rank, world)
     _training_example(rank, world)
     _values_far_from_one(rank, world)
+    _certificate_sweep(rank, world)
 
 
 # --------------------------------------------------------------------------- tests
