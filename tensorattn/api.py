@@ -67,19 +67,29 @@ class AttentionInfo:
         )
 
 
+def gradient_overflows(grad: torch.Tensor | None) -> bool:
+    """Whether ``grad`` has a non-finite entry: one reduction (max |entry| is finite iff every entry
+    is; NaN propagates through it)."""
+    return grad is not None and grad.numel() > 0 and not math.isfinite(
+        float(torch.linalg.vector_norm(grad.detach(), ord=math.inf)))
+
+
+def gradient_overflow_error(backend: str, dtype: torch.dtype, where: str) -> InputError:
+    """The error ``backward()`` raises for a gradient that overflowed (``where``: which one)."""
+    return InputError(
+        f"backend={backend!r}: {where} overflowed {dtype}'s largest finite number ({torch.finfo(dtype).max:.4g}) "
+        "at these inputs although the output is finite (values near that size scale every gradient, and large "
+        "scores make softmax a hard argmax whose gradient is ill-conditioned). Fix: rescale the values, q and the "
+        "keys (or the scale) toward magnitude 1, or use float64"
+    )
+
+
 def _guard_gradients(ops: Operands, backend: str) -> None:
     """Make a non-finite gradient an InputError raised from ``backward()``: at extreme magnitudes
     (scores far past any useful range) a gradient may overflow although the output did not."""
     def check(grad: torch.Tensor | None) -> torch.Tensor | None:
-        # one reduction: max |entry| is finite iff every entry is (NaN propagates through it)
-        if grad is not None and grad.numel() and not math.isfinite(float(torch.linalg.vector_norm(grad, ord=math.inf))):
-            raise InputError(
-                f"backend={backend!r}: a gradient of shape {tuple(grad.shape)} overflowed {grad.dtype}'s largest "
-                f"finite number ({torch.finfo(grad.dtype).max:.4g}) at these inputs although the output is finite "
-                "(values near that size scale every gradient, and large scores make softmax a hard argmax whose "
-                "gradient is ill-conditioned). Fix: rescale the values, q and the keys (or the scale) toward "
-                "magnitude 1, or use float64"
-            )
+        if gradient_overflows(grad):
+            raise gradient_overflow_error(backend, grad.dtype, f"a gradient of shape {tuple(grad.shape)}")
         return grad
 
     if ops.tracks_grad:

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .api import AttentionInfo, check_fits, on_unit_values
+from .api import AttentionInfo, check_fits, gradient_overflow_error, gradient_overflows, on_unit_values
 from .backends.exact import TileEngine, backward_buffers, stream_backward, stream_forward
 from .backends.poly import polynomial_engine
 from .errors import InputError
@@ -681,6 +681,28 @@ def _exact(ops: Operands, comm: _Comm, layout: ShardLayout, budget: int) -> torc
 # --------------------------------------------------------------------------- public
 
 
+def _guard_gradients(ops: Operands, backend: str, comm: _Comm) -> None:
+    """The one-process gradient guard (``backward()`` raises an InputError for a gradient that
+    overflowed) across ranks: once this rank's input gradients are computed, one all_reduce of a
+    flag per rank tells every rank which ranks saw an overflow, and all of them raise. A rank that
+    raised alone would leave the others waiting in the collective. Every rank tracks the same
+    inputs (the handshake checks), so every rank registers the hook and reaches the all_reduce."""
+    tensors = [t for t in ops.tensors if t.requires_grad]
+
+    def check(grads) -> None:
+        flags = torch.zeros(comm.world, dtype=torch.float64, device=ops.q.device)
+        bad = [g for g in grads if gradient_overflows(g)]
+        if bad:
+            flags[comm.rank] = 1.0
+        comm.all_reduce(flags, dist.ReduceOp.SUM, "gradient_check")
+        if bool(flags.any()):
+            ranks = [i for i, f in enumerate(flags.tolist()) if f]
+            dtype = bad[0].dtype if bad else ops.dtype
+            raise gradient_overflow_error(backend, dtype, f"a gradient on rank(s) {ranks} of {comm.world}")
+
+    torch.autograd.graph.register_multi_grad_hook(tensors, check)
+
+
 def _global_view(ops: Operands, layout: ShardLayout) -> Operands:
     """This rank's operands seen as the whole sequence: global sizes and positions, for planning
     and the gradient certificate (which read sizes and positions, never the shard's arrays)."""
@@ -726,6 +748,8 @@ def attention(q: Any, k: Any, v: Any, *, spec: str | Spec = "pairwise", group=No
     # with grad: autograd records the local engines and the cross-rank autograd.Functions
     # values far from 1 run as values near 1 and are scaled back, as on one process; the divisors
     # come from the global maxima, so every rank divides by the same powers of two
+    if ops.tracks_grad:
+        _guard_gradients(ops, plan.backend, comm)
     with contextlib.nullcontext() if ops.tracks_grad else torch.no_grad():
         if plan.backend == "poly":
             out = on_unit_values(plan, ops, lambda unit: _poly(plan, unit, comm, layout))
@@ -753,8 +777,9 @@ def communication_bytes(
     itemsize: int = 4,
     backward: bool = False,
 ) -> int:
-    """Payload bytes the busiest rank receives in one call, handshake excluded (see CommLog);
-    with ``backward=True``, in the backward pass of that call.
+    """Payload bytes the busiest rank receives in one call, the control messages (handshake, plan
+    maxima, gradient check) excluded (see CommLog); with ``backward=True``, in the backward pass of
+    that call.
 
     poly: the order-1 key statistics U_m^T [v_m | 1], ``rank`` x (e+1) per slot and batch entry,
     summed by one all_reduce (causal: all_gather, P-1 of them received); independent of n. The

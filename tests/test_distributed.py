@@ -330,9 +330,11 @@ def _backward_bytes(rank: int, world: int) -> None:
             with ta.distributed.count_bytes() as log:
                 out.sum().backward()
             op = "poly_prefix_grad" if causal else "poly_states_grad"
-            assert set(log.calls) == {op}, log.calls
-            got.append(log.received)
-            assert log.received == ta.distributed.communication_bytes(
+            assert set(log.calls) == {op, "gradient_check"}, log.calls
+            assert log.received_by_op["gradient_check"] == world * 8  # one float64 flag per rank
+            payload = log.received - log.received_by_op["gradient_check"]
+            got.append(payload)
+            assert payload == ta.distributed.communication_bytes(
                 "poly", n=n, ranks=world, d=d, e=e, rank=info.rank, causal=causal, itemsize=8, backward=True)
         assert got[0] == got[1], f"poly backward bytes depend on n: {got}"
     n = 4 * world
@@ -343,8 +345,8 @@ def _backward_bytes(rank: int, world: int) -> None:
         out.sum().backward()
     assert log.received_by_op["ring_backward"] == (world - 1) * 4 * (d + e) * 8
     assert log.received_by_op["ring_grads"] == world * 4 * (d + e) * 8
-    assert log.received == ta.distributed.communication_bytes("exact", n=n, ranks=world, d=d, e=e, itemsize=8,
-                                                              backward=True)
+    assert log.received - log.received_by_op["gradient_check"] == ta.distributed.communication_bytes(
+        "exact", n=n, ranks=world, d=d, e=e, itemsize=8, backward=True)
 
 
 def _training_example(rank: int, world: int) -> None:
@@ -426,6 +428,22 @@ def _certificate_sweep(rank: int, world: int, cases: int = 40) -> None:
     assert checked >= cases // 2, checked
 
 
+def _gradient_overflow_raises_everywhere(rank: int, world: int) -> None:
+    """Values near float32's largest number: the output is finite, the gradients are not. As on one
+    process, backward() raises an InputError, on every rank (a rank raising alone would hang the
+    others in the next collective), and the check's traffic is one float64 flag per rank."""
+    gen = torch.Generator().manual_seed(0)
+    n = 2 * world
+    q, k = torch.randn(1, n, 2, generator=gen) * 3, torch.randn(1, n, 2, generator=gen) * 3
+    v = torch.rand(1, n, 2, generator=gen) * 1e37
+    sl = slice(*_bounds(n, world)[rank: rank + 2])
+    qs, ks = q[:, sl].clone().requires_grad_(), k[:, sl].clone().requires_grad_()
+    out = ta.distributed.attention(qs, ks, v[:, sl], backend="exact", scale=1.0)
+    assert bool(torch.isfinite(out).all())
+    _raises_everywhere(lambda: (out * 100).sum().backward(), "overflowed torch.float32's largest finite number",
+                       "Fix: rescale")
+
+
 def _two_rank_checks(rank: int, world: int) -> None:
     _matches_single_process(rank, world)
     _gradients_match_single_process(rank, world)
@@ -434,6 +452,7 @@ def _two_rank_checks(rank: int, world: int) -> None:
     _training_example(rank, world)
     _values_far_from_one(rank, world)
     _certificate_sweep(rank, world)
+    _gradient_overflow_raises_everywhere(rank, world)
 
 
 # --------------------------------------------------------------------------- tests
