@@ -263,7 +263,16 @@ def _local_description(spec_arg, q, k, v, call: dict[str, Any]
     """Validate this rank's shard alone; never raise, so that every rank reaches the handshake."""
     try:
         spec = get_spec(spec_arg)
-        request, options = Request.from_call(spec, **call)
+        # the mask keywords of ta.attention: None (no mask) is accepted, a mask is refused
+        masked = [name for name in ("key_padding_mask", "attn_mask") if call.get(name) is not None]
+        if masked:
+            raise InputError(
+                f"{' and '.join(masked)} cannot be passed to ta.distributed.attention: the sequence-parallel "
+                "frontend has no masks (causal=True is its one mask). Fix: use causal=True for a causal mask, "
+                "drop padded key tokens from the shards, or call ta.attention on one process, which takes both"
+            )
+        request, options = Request.from_call(
+            spec, **{name: x for name, x in call.items() if name not in ("key_padding_mask", "attn_mask")})
         if request.backend not in DISTRIBUTED_BACKENDS:
             raise InputError(
                 f"backend={request.backend!r} has no sequence-parallel implementation; "

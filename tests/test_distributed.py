@@ -198,6 +198,10 @@ def _bad_shards(rank: int, world: int) -> None:
                        "ranks disagree on backend", "'exact'", "'poly'")
     _raises_everywhere(lambda: ta.distributed.attention(draw(5, 8), draw(5, 8), draw(5, 8), backend="favor"),
                        "no sequence-parallel implementation")
+    # a mask on one rank only: that rank's error reaches the others through the handshake
+    mask = np.zeros(5, dtype=bool) if rank == 1 else None
+    _raises_everywhere(lambda: ta.distributed.attention(draw(5, 8), draw(5, 8), draw(5, 8), key_padding_mask=mask),
+                       "key_padding_mask cannot be passed", *(["failed on rank 1"] if rank != 1 else ["Fix"]))
     _raises_everywhere(lambda: ta.distributed.attention(draw(5, 8), draw(5, 8), draw(5, 8), q_offset=3),
                        "q_offset=3")
     W = np.random.default_rng(99).uniform(-1, 1, (19, 8, 8)).astype(np.float32)  # the same on every rank
