@@ -115,21 +115,52 @@ def run_plan(plan: Plan, ops: Operands) -> torch.Tensor:
 
 def on_unit_values(plan: Plan, ops: Operands, run: Callable[[Operands], torch.Tensor]) -> torch.Tensor:
     """``run(ops)`` as every frontend calls a backend: for values far from 1, on values near 1
-    (divided by the plan's powers of two, exactly), with the result scaled back in float64, where
-    the factor is representable, and rounded once to the compute dtype. The certificates count on
-    this: products of subnormal values would lose more than they allow."""
+    (divided by the plan's powers of two c_s, exactly), with the result scaled back by C = prod c_s
+    in float64, where the factor is representable, and rounded once to the compute dtype. The
+    certificates count on this: products of subnormal values would lose more than they allow.
+
+    The gradients flow at the magnitudes of that unit problem too: the scale-back passes dO on
+    unchanged, and each input's gradient is multiplied by what the chain rule leaves (C for q, the
+    keys and W; C / c_s for value slot s) in float64 on its way out. Scaling dO by a tiny C on the
+    way in instead would run the whole backward on subnormal numbers."""
     divisors = plan.value_divisors
     if all(c == 1.0 for c in divisors):
         return run(ops)
-    out = run(dataclasses.replace(ops, values=tuple(v / c for v, c in zip(ops.values, divisors))))
-    return scale_by_powers_of_two(out.to(torch.float64), divisors).to(out.dtype)
+    exps = [int(math.log2(c)) for c in divisors]
+    total = sum(exps)
+    grad = ops.tracks_grad
+
+    def scaled(t: torch.Tensor | None, forward: int, backward: int) -> torch.Tensor | None:
+        if t is None or (grad and t.requires_grad and (forward or backward)):
+            return None if t is None else _PowerOfTwo.apply(t, forward, backward)
+        return t if not forward else scale_by_exponent(t.to(torch.float64), forward).to(t.dtype)
+
+    unit = dataclasses.replace(
+        ops, q=scaled(ops.q, 0, total), keys=tuple(scaled(k, 0, total) for k in ops.keys),
+        values=tuple(scaled(v, -e, total - e) for v, e in zip(ops.values, exps)),
+        rel=scaled(ops.rel, 0, total))
+    out = run(unit)
+    return scaled(out, total, 0)
 
 
-def scale_by_powers_of_two(x: torch.Tensor, factors: tuple[float, ...]) -> torch.Tensor:
-    """x times the product of powers of two, exactly (barring over/underflow of the result itself):
-    the exponents are summed first and applied in steps of at most 2^1000, so a product that would
-    overflow float64 on its own (two values near 1e200) never turns a 0 into NaN."""
-    e = sum(int(math.log2(c)) for c in factors)
+class _PowerOfTwo(torch.autograd.Function):
+    """x * 2^forward (in float64, rounded once to x's dtype), whose backward multiplies the incoming
+    gradient by 2^backward (likewise) instead of 2^forward (``on_unit_values``)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, forward: int, backward: int) -> torch.Tensor:
+        ctx.backward_exp = backward
+        return scale_by_exponent(x.to(torch.float64), forward).to(x.dtype) if forward else x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        e = ctx.backward_exp
+        return (scale_by_exponent(g.to(torch.float64), e).to(g.dtype) if e else g), None, None
+
+
+def scale_by_exponent(x: torch.Tensor, e: int) -> torch.Tensor:
+    """x * 2^e, exactly (barring over/underflow of the result itself), in steps of at most 2^1000,
+    so an exponent past float64's range on its own (two values near 1e200) never turns a 0 into NaN."""
     while e:
         step = max(-1000, min(1000, e))
         x = x * 2.0**step

@@ -377,12 +377,16 @@ class GradientBound:
 
         max over tokens of || dL~/dX_token - dL/dX_token ||_2  <=  per_l1[X] * max_i ||dO_i||_1
 
-    and, for values, also <= per_max[X] * max|dO|. Each bound covers every entry of the gradient.
+    and, for values, also <= per_max[X] * max|dO|, plus ``floor[X]``: the rounding of the computed
+    gradient into its dtype below the normal range (half the smallest subnormal per entry), which no
+    relative bound covers when the gradient itself is that small. Each bound covers every entry of
+    the gradient.
     """
 
     names: tuple[str, ...]
     per_l1: tuple[float, ...]
     per_max: tuple[float, ...]
+    floor: tuple[float, ...] = ()
 
     @property
     def unit(self) -> float:
@@ -394,8 +398,9 @@ class GradientBound:
         def times(a: float, x: float) -> float:
             return 0.0 if a == 0.0 or x == 0.0 else a * x
 
-        return {name: min(times(a, dout_l1), times(b, dout_max))
-                for name, a, b in zip(self.names, self.per_l1, self.per_max)}
+        floor = self.floor or (0.0,) * len(self.names)
+        return {name: min(times(a, dout_l1), times(b, dout_max)) + (f if dout_max > 0.0 else 0.0)
+                for name, a, b, f in zip(self.names, self.per_l1, self.per_max, floor)}
 
 
 def _column_mass(n_visible: np.ndarray, ratio: float) -> float:
@@ -457,4 +462,9 @@ def certify_gradients(plan, ops, maxima) -> GradientBound | None:
         free_out = math.prod(ops.value_sizes[c] for c in ve.out_letters if c not in letters)
         per_l1.append(pf * mass[s] * others * summed)
         per_max.append(pf * mass[s] * others * summed * free_out)
-    return GradientBound(names, tuple(per_l1), tuple(per_max))
+    # each gradient is rounded into the compute dtype last: below its normal range that errs by up to
+    # half the smallest subnormal per entry, so sqrt(entries per token) of them per token row
+    tiny = SUBNORMAL_ERROR[plan.problem.dtype]
+    rows = [ops.q, *ops.keys, *ops.values]
+    floor = tuple(tiny * math.sqrt(math.prod(t.shape[2:])) for t in rows)
+    return GradientBound(names, tuple(per_l1), tuple(per_max), floor)
