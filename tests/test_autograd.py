@@ -379,12 +379,53 @@ def test_float32_gradients_within_bound_at_value_extremes(vmag, causal):
         q, k = (torch.rand(1, 8, 4, generator=gen, dtype=torch.float64) * 2 - 1 for _ in range(2))
         v = (torch.rand(1, 8, 4, generator=gen, dtype=torch.float64) * 2 - 1) * vmag
         d_out = torch.randn(1, 8, 4, generator=gen, dtype=torch.float64)
-        ref = [t.clone().requires_grad_() for t in (q, k, v)]
-        ta.attention(*ref, backend="exact", scale=0.5, causal=causal).backward(d_out)
         got = [t.float().requires_grad_() for t in (q, k, v)]
+        ref = [t.detach().double().requires_grad_() for t in got]  # the float32 inputs, exactly
+        ta.attention(*ref, backend="exact", scale=0.5, causal=causal).backward(d_out)
         out, info = ta.attention(*got, backend="poly", scale=0.5, causal=causal, return_info=True)
         out.backward(d_out.float())
         bounds = ta.grad_bound_for(info, d_out.float(), by_input=True)
         for name, g, r in zip(("q", "k", "v"), got, ref):
             err = float((g.grad.double() - r.grad).abs().max())
             assert err <= bounds[name], (name, err, bounds[name])
+
+
+@st.composite
+def gradient_certificate_cases(draw):
+    spec = draw(st.sampled_from(["pairwise", "triple", "rope"]))
+    n = draw(st.integers(1, 8 if spec == "triple" else 16))
+    d = draw(st.sampled_from([2, 4]))
+    dtype = draw(st.sampled_from([torch.float32, torch.float64]))
+    exponent = (draw(st.sampled_from([-45.0, -42.0, -38.0, -3.0, 0.0, 2.0, 30.0, 37.0])) if dtype == torch.float32
+                else draw(st.sampled_from([-310.0, -300.0, -3.0, 0.0, 2.0, 300.0])))
+    return dict(spec=spec, n=n, d=d, dtype=dtype, qmag=draw(st.sampled_from([0.01, 0.3, 1.0])),
+                vmag=10.0 ** exponent, causal=draw(st.booleans()), tol=draw(st.sampled_from([1e-1, 1e-3])),
+                scale=draw(st.sampled_from([0.25, 0.5, 1.0])), seed=draw(st.integers(0, 2**16)))
+
+
+@given(gradient_certificate_cases())
+def test_gradient_certificate_every_dtype_and_magnitude(case):
+    """grad_bound_for holds against float64 exact gradients of the very inputs poly saw (float32 or
+    float64, values from subnormal to near the dtype's limit, upstream gradients of every sign): the
+    error bound plus the last rounding of each gradient into the compute dtype."""
+    q, k, v = random_inputs(case["spec"], n=case["n"], d=case["d"], batch=(2,), dtype=np.float64,
+                            seed=case["seed"])
+    as_list = lambda x: list(x) if isinstance(x, (list, tuple)) else [x]  # noqa: E731
+    raw = [q * case["qmag"], *(a * case["qmag"] for a in as_list(k)), *(a * case["vmag"] for a in as_list(v))]
+    nk = len(as_list(k))
+    got = [torch.from_numpy(a).to(case["dtype"]).requires_grad_() for a in raw]
+    ref = [t.detach().double().requires_grad_() for t in got]
+    split = lambda t: (t[0], t[1] if nk == 1 else t[1:1 + nk], t[1 + nk] if nk == 1 else t[1 + nk:])  # noqa: E731
+    kw = dict(spec=case["spec"], scale=case["scale"], causal=case["causal"])
+    try:
+        out, info = ta.attention(*split(got), backend="poly", tol=case["tol"], on_unbounded="ignore",
+                                 return_info=True, **kw)
+    except ta.TensorAttnError:
+        return
+    d_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(case["seed"]), dtype=torch.float64)
+    out.backward(d_out.to(case["dtype"]))
+    ta.attention(*split(ref), backend="exact", **kw).backward(d_out)
+    bounds = ta.grad_bound_for(info, d_out.to(case["dtype"]), by_input=True)
+    for name, g, r in zip(info.grad.names, got, ref):
+        err = float((g.grad.double() - r.grad).abs().max())
+        assert err <= bounds[name], (name, err, bounds[name])

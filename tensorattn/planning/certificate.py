@@ -30,6 +30,10 @@ FLOAT32_SAFE_RANGE = 2.0 ** 100
 FLOAT64_SAFE_RANGE = 2.0 ** 1000
 #: beyond this score radius even float64 roundoff (~u e^{2 beta}) exceeds any useful tolerance
 MAX_CERTIFIABLE_BETA = 18.0
+#: roundings a gradient entry may take after the backend's backward (the power-of-two scale-back,
+#: RoPE's rotation: two products and a sum), each up to half the smallest subnormal below the normal
+#: range (``certify_gradients``)
+GRADIENT_LAST_ROUNDINGS = 4
 #: ``choose_certificate`` skips a degree when a floor of its gradient bound exceeds tol times this;
 #: the margin (far above any rounding difference between the floor and the bound) keeps it from
 #: ever skipping a degree that the whole bound would pass
@@ -453,18 +457,31 @@ def certify_gradients(plan, ops, maxima) -> GradientBound | None:
             visible = np.full(ops.n, m_s)
         mass.append(_column_mass(visible, ratio))
     vmax = plan.vmax
-    per_l1 = [eta * vmax * sens[0]] + [eta * vmax * sens[1 + s] * mass[s] for s in range(nk)]
-    per_max = list(per_l1)
+    # the gradients' own size (G3-G5 without the error factors): |g_tau| <= 2 p_tau A_i for q and
+    # the keys, and sum_i P_i(j) |dO_i| (times the other slots' values) for a value slot
+    size_l1 = [2.0 * vmax * sens[0]] + [2.0 * vmax * sens[1 + s] * mass[s] for s in range(nk)]
+    per_l1 = [eta * x / 2.0 for x in size_l1]
+    # by max|dO| instead: A_i = ||dO_i||_1 vmax <= E max|dO| vmax, E the output entries per query
+    E = math.prod(ops.out_value_shape)
+    size_max = [x * E for x in size_l1]
     for s in range(nk):
         others = math.prod(vals[:s] + vals[s + 1:])
         letters = ve.value_letters[s]
         summed = math.prod(ops.value_sizes[c] for c in ve.summed if c not in letters)
         free_out = math.prod(ops.value_sizes[c] for c in ve.out_letters if c not in letters)
-        per_l1.append(pf * mass[s] * others * summed)
-        per_max.append(pf * mass[s] * others * summed * free_out)
-    # each gradient is rounded into the compute dtype last: below its normal range that errs by up to
-    # half the smallest subnormal per entry, so sqrt(entries per token) of them per token row
-    tiny = SUBNORMAL_ERROR[plan.problem.dtype]
+        size_l1.append(mass[s] * others * summed)
+        size_max.append(mass[s] * others * summed * free_out)
+        per_l1.append(pf * size_l1[-1])
+    per_max = [eta * x / 2.0 for x in size_max[:k]] + [pf * x for x in size_max[k:]]
+    # each gradient reaches its input in the compute dtype, rounded there last (from the float64
+    # features, or by its last ops): u times its size, plus the error itself, per token row
+    u = UNIT_ROUNDOFF[plan.problem.dtype]
+    per_l1 = [b + u * (b + m) for b, m in zip(per_l1, size_l1)]
+    per_max = [b + u * (b + m) for b, m in zip(per_max, size_max)]
+    # below the normal range those last roundings err by up to half the smallest subnormal per entry
+    # each, whatever the size: a few per entry (the scale-back, RoPE's rotation: two products and a
+    # sum), so sqrt(entries per token) times that per token row
+    tiny = GRADIENT_LAST_ROUNDINGS * SUBNORMAL_ERROR[plan.problem.dtype]
     rows = [ops.q, *ops.keys, *ops.values]
     floor = tuple(tiny * math.sqrt(math.prod(t.shape[2:])) for t in rows)
     return GradientBound(names, tuple(per_l1), tuple(per_max), floor)
