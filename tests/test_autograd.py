@@ -429,3 +429,24 @@ def test_gradient_certificate_every_dtype_and_magnitude(case):
     for name, g, r in zip(info.grad.names, got, ref):
         err = float((g.grad.double() - r.grad).abs().max())
         assert err <= bounds[name], (name, err, bounds[name])
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_gradient_bound_counts_only_unmasked_keys(causal):
+    """Under a binary key mask the visible keys share all the attention, so the key and value
+    gradient bounds are at least those of the same call with the masked keys dropped (whose maxima
+    are no larger): the attention one key collects (G6) is counted over the unmasked keys only."""
+    rng = np.random.default_rng(0)
+    n = 50
+    q, k, v = (torch.from_numpy(rng.uniform(-0.3, 0.3, (1, n, 4))) for _ in range(3))
+    keep = torch.zeros(1, n, dtype=torch.bool)
+    keep[0, [0, 1]] = True  # keys 0 and 1 are the only unmasked ones
+    d_out = torch.from_numpy(rng.standard_normal((1, n, 4)))
+    kw = dict(backend="poly", scale=0.5, causal=causal, degree=6, feature_dtype="float64")  # eta grows with beta
+    _, masked = ta.attention(q, k, v, key_padding_mask=~keep, return_info=True, **kw)
+    # every query of the masked call sees at most the two keys that each query sees here (causal:
+    # query 0 sees key 0 alone), so one key collects no more attention here than there
+    _, dropped = ta.attention(q, k[:, :2], v[:, :2], return_info=True, **{**kw, "causal": False})
+    got, want = ta.grad_bound_for(masked, d_out, by_input=True), ta.grad_bound_for(dropped, d_out, by_input=True)
+    for name in ("k", "v"):
+        assert got[name] >= want[name] * (1 - 1e-12), (name, got[name], want[name])

@@ -413,6 +413,21 @@ def _column_mass(n_visible: np.ndarray, ratio: float) -> float:
     return float(np.minimum(1.0, ratio / vis).sum())
 
 
+def _visible_keys(ops, slot: int, qpos: np.ndarray) -> list[np.ndarray]:
+    """How many keys of ``slot`` each query sees, per batch row (one row when no key mask of that
+    slot tells the rows apart): the causal prefix, counting only unmasked keys under a binary key
+    mask (a masked key's weight is 0, so the visible ones share all the attention)."""
+    m_s = ops.ms[slot]
+    first = int(ops.k_positions(slot)[0]) if m_s else 0
+    seen = np.clip(qpos - first + 1, 0, m_s) if ops.causal else np.full(ops.n, m_s)  # keys 0..seen-1
+    bias = ops.key_bias[slot] if ops.key_bias and ops.key_mask == "binary" else None
+    if bias is None:
+        return [seen]
+    unmasked = (bias.detach() == 0).reshape(-1, m_s).cpu().numpy()
+    prefix = np.concatenate([np.zeros((unmasked.shape[0], 1), np.int64), np.cumsum(unmasked, axis=1)], axis=1)
+    return list(prefix[:, seen])
+
+
 def certify_gradients(plan, ops, maxima) -> GradientBound | None:
     """The certified gradient bound of docs/torch.md (G4-G6) for one call.
 
@@ -443,19 +458,14 @@ def certify_gradients(plan, ops, maxima) -> GradientBound | None:
         mf = _missing_factor(se.features[m], se.contracted, ops.sizes)
         best = min(l2[a] * math.prod(linf[b] for b in range(k) if b not in (m, a)) for a in range(k) if a != m)
         sens.append(scale * mf * best * maxima.wnorm)
-    # C_m >= max_j sum_i P_i(slot m = j): a visible weight is at most e^{2 beta} times any other (G6)
+    # C_m >= max_j sum_i P_i(slot m = j): a visible weight is at most e^{2 beta} times any other (G6).
+    # An additive key mask moves the scores off [-beta, beta] (as ALiBi does): no such ratio then.
     slope = ops.alibi_slope if spec.positional == "relative" else None
-    ratio = math.inf if slope else math.exp(min(2.0 * plan.beta, 700.0))
+    ratio = math.inf if slope or ops.key_mask == "additive" else math.exp(min(2.0 * plan.beta, 700.0))
     qpos = ops.q_positions().cpu().numpy()
     mass = []
     for s in range(nk):
-        m_s = ops.ms[s]
-        if ops.causal:
-            first = int(ops.k_positions(s)[0]) if m_s else 0
-            visible = np.clip(qpos - first + 1, 0, m_s)
-        else:
-            visible = np.full(ops.n, m_s)
-        mass.append(_column_mass(visible, ratio))
+        mass.append(max(_column_mass(visible, ratio) for visible in _visible_keys(ops, s, qpos)))
     vmax = plan.vmax
     # the gradients' own size (G3-G5 without the error factors): |g_tau| <= 2 p_tau A_i for q and
     # the keys, and sum_i P_i(j) |dO_i| (times the other slots' values) for a value slot
