@@ -423,6 +423,43 @@ def test_gradients(case: Case, double: bool):
             assert g.dtype == leaf.dtype and g.shape == leaf.shape
             if case.finite() and np.isfinite(to64(out)).all():
                 assert torch.isfinite(g).all(), "P2: non-finite gradient for finite input"
+    check_gradient_certificate(case, out, info, d_out, grads)
+
+
+def check_gradient_certificate(case: Case, out, info, d_out, grads) -> None:
+    """P3 for gradients: poly's ``grad_bound_for`` against float64 exact gradients of the very inputs
+    the call saw, where its gradient certificate exists and the inputs are float32/float64 (the cast
+    back to fp16/bf16 is outside the certificate)."""
+    if (info.backend != "poly" or info.grad is None or not case.finite() or not np.isfinite(to64(out)).all()
+            or to64(out).size == 0):
+        return  # exact's bound is 0: it is the reference the poly bound is measured against
+    names = [nm for nm, a in case.arrays.items() if nm != "rel" and a.requires_grad]
+    if any(case.arrays[nm].dtype not in (torch.float32, torch.float64) for nm in names):
+        return
+    wide = {nm: a.detach().double().requires_grad_(nm in names) for nm, a in case.arrays.items()}
+    nk = len(case.ms)
+    ks, vs = [wide[f"k{i}"] for i in range(nk)], [wide[f"v{i}"] for i in range(nk)]
+    options = {**case.options, **({"rel": wide["rel"]} if "rel" in wide else {})}
+    status, exact = call(ta.attention, wide["q"], ks[0] if nk == 1 else tuple(ks), vs[0] if nk == 1 else tuple(vs),
+                         spec=get_spec(case.spec), backend="exact", causal=case.causal, **options, **case.masks)
+    if status != "ok" or not np.isfinite(to64(exact)).all():
+        return
+    ref = torch.autograd.grad(exact, [wide[nm] for nm in names], d_out.double(), allow_unused=True)
+    bounds = ta.grad_bound_for(info, d_out, by_input=True)
+    label = {"q": "q", **{f"k{i}": ("k" if nk == 1 else f"k[{i}]") for i in range(nk)},
+             **{f"v{i}": ("v" if nk == 1 else f"v[{i}]") for i in range(nk)}}
+    stats = STATS["certificates"][f"{result_dtype(case.arrays['q'])} gradients"]
+    for nm, g, r in zip(names, grads, ref):
+        if g is None or r is None or not torch.isfinite(r).all():
+            continue
+        err = float((g.detach().double() - r).abs().max()) if g.numel() else 0.0
+        bound = bounds[label[nm]]
+        ratio = err / bound if bound > 0 else (0.0 if err == 0 else math.inf)
+        stats["checked"] += 1
+        if ratio > stats["worst_ratio"]:
+            stats["worst_ratio"], stats["worst_case"] = ratio, case.describe() + f" input {nm}"
+        stats["violations"] += not err <= bound
+        assert err <= bound, f"P3 (gradients): max|grad {nm} - exact| = {err:.3e} > {bound:.3e} ({info.backend})"
 
 
 # ------------------------------------------------------------------------- dtypes and containers
