@@ -6,14 +6,15 @@ wrong types for every keyword and every built-in spec. The properties:
 P1  the only exceptions are ``ta.TensorAttnError`` subclasses (and KeyboardInterrupt);
 P2  for finite input the output is finite (gradients too);
 P3  for every dtype, max|out - exact| <= info.error_bound, exact computed in float64 on the
-    inputs as given (the float64 numpy reference of ``tensorattn.testing``);
+    inputs as given (the float64 numpy reference of ``tensorattn.testing``); for poly with
+    float32/float64 inputs, every gradient within ``grad_bound_for`` of float64 exact gradients;
 P4  numpy in -> numpy out, torch in -> torch out, the dtype of q, the leading dims of q.
 
 The ``ci`` profile (the default) runs a few dozen derandomized examples per test; run
 ``pytest tests/test_fuzz.py --hypothesis-profile=deep`` for 10,000 per test. With
 ``TENSORATTN_FUZZ_STATS=path.json`` the run writes its counts there: examples per test, errors by
 type, NaN outputs for finite input, and per dtype the certificates checked, violated and the worst
-measured / bound ratio.
+measured / bound ratio (gradient certificates under "<dtype> gradients").
 """
 
 from __future__ import annotations
