@@ -13,7 +13,7 @@ import torch
 
 from .checks import check_bool
 from .errors import InputError
-from .inputs import Operands, as_list, check_finite, prepare, to_tensor
+from .inputs import Operands, all_finite, as_list, check_finite, prepare, to_tensor
 from .planning import GradientBound, Plan, certify_gradients, operand_maxima, plan_for
 from .registry import registered
 from .request import Request, with_call_signature
@@ -68,10 +68,8 @@ class AttentionInfo:
 
 
 def gradient_overflows(grad: torch.Tensor | None) -> bool:
-    """Whether ``grad`` has a non-finite entry: one reduction (max |entry| is finite iff every entry
-    is; NaN propagates through it)."""
-    return grad is not None and grad.numel() > 0 and not math.isfinite(
-        float(torch.linalg.vector_norm(grad.detach(), ord=math.inf)))
+    """Whether ``grad`` has a non-finite entry."""
+    return grad is not None and not all_finite(grad)
 
 
 def gradient_overflow_error(backend: str, dtype: torch.dtype, where: str) -> InputError:
@@ -128,12 +126,9 @@ def on_unit_values(plan: Plan, ops: Operands, run: Callable[[Operands], torch.Te
         return run(ops)
     exps = [int(math.log2(c)) for c in divisors]
     total = sum(exps)
-    grad = ops.tracks_grad
 
     def scaled(t: torch.Tensor | None, forward: int, backward: int) -> torch.Tensor | None:
-        if t is None or (grad and t.requires_grad and (forward or backward)):
-            return None if t is None else _PowerOfTwo.apply(t, forward, backward)
-        return t if not forward else scale_by_exponent(t.to(torch.float64), forward).to(t.dtype)
+        return t if t is None or not (forward or backward) else _PowerOfTwo.apply(t, forward, backward)
 
     unit = dataclasses.replace(
         ops, q=scaled(ops.q, 0, total), keys=tuple(scaled(k, 0, total) for k in ops.keys),

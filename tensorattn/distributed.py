@@ -258,21 +258,25 @@ def _rel_stand_in(W: torch.Tensor, q: Any, k: Any, v: Any, q_offset: int) -> tor
     return zero.expand(max(1, q_offset + n + m - 1), d, d)
 
 
+#: the mask keywords of ``ta.attention``, which the sequence-parallel frontend takes only as None
+_MASK_KEYWORDS = ("key_padding_mask", "attn_mask")
+
+
 def _local_description(spec_arg, q, k, v, call: dict[str, Any]
                        ) -> tuple[dict, tuple | None, BaseException | None]:
     """Validate this rank's shard alone; never raise, so that every rank reaches the handshake."""
     try:
         spec = get_spec(spec_arg)
         # the mask keywords of ta.attention: None (no mask) is accepted, a mask is refused
-        masked = [name for name in ("key_padding_mask", "attn_mask") if call.get(name) is not None]
+        masked = [name for name in _MASK_KEYWORDS if call.get(name) is not None]
         if masked:
             raise InputError(
                 f"{' and '.join(masked)} cannot be passed to ta.distributed.attention: the sequence-parallel "
                 "frontend has no masks (causal=True is its one mask). Fix: use causal=True for a causal mask, "
                 "drop padded key tokens from the shards, or call ta.attention on one process, which takes both"
             )
-        request, options = Request.from_call(
-            spec, **{name: x for name, x in call.items() if name not in ("key_padding_mask", "attn_mask")})
+        request, options = Request.from_call(spec, **{name: x for name, x in call.items()
+                                                     if name not in _MASK_KEYWORDS})
         if request.backend not in DISTRIBUTED_BACKENDS:
             raise InputError(
                 f"backend={request.backend!r} has no sequence-parallel implementation; "
@@ -754,11 +758,11 @@ def attention(q: Any, k: Any, v: Any, *, spec: str | Spec = "pairwise", group=No
     maxima = OperandMaxima.from_flat(maxima.tolist(), sum(t.order for t in ops.spec.terms))
     whole = _global_view(ops, layout)
     plan = plan_for(whole, request, maxima=maxima)
-    # with grad: autograd records the local engines and the cross-rank autograd.Functions
-    # values far from 1 run as values near 1 and are scaled back, as on one process; the divisors
-    # come from the global maxima, so every rank divides by the same powers of two
     if ops.tracks_grad:
         _guard_gradients(ops, plan.backend, comm)
+    # with grad: autograd records the local engines and the cross-rank autograd.Functions. Values
+    # far from 1 run as values near 1 and are scaled back, as on one process; the divisors come
+    # from the global maxima, so every rank divides by the same powers of two
     with contextlib.nullcontext() if ops.tracks_grad else torch.no_grad():
         if plan.backend == "poly":
             out = on_unit_values(plan, ops, lambda unit: _poly(plan, unit, comm, layout))

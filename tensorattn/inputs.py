@@ -194,10 +194,15 @@ def max_abs(tensors: list[torch.Tensor]) -> list[float]:
     return [float(torch.linalg.vector_norm(t.detach(), ord=math.inf)) if t.numel() else 0.0 for t in tensors]
 
 
+def all_finite(t: torch.Tensor) -> bool:
+    """Whether every entry of ``t`` is finite: one reduction (max |entry| is finite iff every entry
+    is; NaN propagates through it), outside any graph."""
+    return t.numel() == 0 or math.isfinite(float(torch.linalg.vector_norm(t.detach(), ord=math.inf)))
+
+
 def check_finite(t: torch.Tensor, name: str) -> None:
     t = t.detach()  # a check, not part of the graph autograd keeps
-    # one reduction: max |entry| is finite iff every entry is (NaN propagates through it)
-    if t.numel() == 0 or math.isfinite(float(torch.linalg.vector_norm(t, ord=math.inf))):
+    if all_finite(t):
         return
     finite = torch.isfinite(t)
     if not bool(finite.all()):
