@@ -303,8 +303,9 @@ def grad_bound_for(info: AttentionInfo, d_out: Any, *, by_input: bool = False) -
     For ``out.backward(d_out)``, bounds the l2 norm of the gradient error of every token (hence
     every entry: max |grad_poly - grad_exact|) w.r.t. q, the keys and the values; per input with
     ``by_input=True``. It is at most ``info.grad_error_bound * max_i ||d_out_i||_1``; the derivation
-    is in docs/torch.md. Gradients w.r.t. ``rel`` (W) are not covered, nor the rounding of a cast
-    back to fp16/bf16. Returns None where the backend has no certificate.
+    is in docs/torch.md; it includes the last rounding of each gradient and its cast back to an
+    fp16/bf16 input's dtype. Gradients w.r.t. ``rel`` (W) are not covered. Returns None where the
+    backend has no certificate.
     """
     if not isinstance(info, AttentionInfo):
         raise InputError(f"grad_bound_for needs the AttentionInfo of a call (return_info=True), got "

@@ -56,6 +56,8 @@ class Operands:
     #: (array, max |entry|) of the arrays above whose maximum ``prepare`` measured while checking
     #: them for NaN/Inf; the bounds reuse it for the very same array object (``known_max``)
     maxabs: tuple[tuple[torch.Tensor, float], ...] = field(default=(), compare=False, repr=False)
+    #: the caller's dtype of q, each key and each value, by name: their gradients are cast back to it
+    input_dtypes: tuple[str, ...] = ()
 
     def known_max(self, t: torch.Tensor) -> float | None:
         """max |entry| of ``t`` when ``prepare`` measured it already, else None."""
@@ -529,4 +531,5 @@ def prepare(spec: Spec, q, k, v, request: Request, spec_options: dict[str, Any] 
         value_sizes=dict(lay.value_sizes), scale=float(scale), causal=causal, q_offset=q_offset,
         k_offsets=k_offsets, rel=rel, alibi_slope=float(options.get("alibi_slope") or 0.0),
         kind=kind, out_dtype=out_dtype, device=device, key_bias=key_bias, attn_mask=general_mask, maxabs=maxabs,
+        input_dtypes=tuple(str(t.dtype).rsplit(".", 1)[-1] for t in [qt, *kts, *vts]),
     )

@@ -483,15 +483,20 @@ def certify_gradients(plan, ops, maxima) -> GradientBound | None:
         size_max.append(mass[s] * others * summed * free_out)
         per_l1.append(pf * size_l1[-1])
     per_max = [eta * x / 2.0 for x in size_max[:k]] + [pf * x for x in size_max[k:]]
-    # each gradient reaches its input in the compute dtype, rounded there last (from the float64
-    # features, or by its last ops): u times its size, plus the error itself, per token row
-    u = UNIT_ROUNDOFF[plan.problem.dtype]
-    per_l1 = [b + u * (b + m) for b, m in zip(per_l1, size_l1)]
-    per_max = [b + u * (b + m) for b, m in zip(per_max, size_max)]
+    # each gradient is rounded last in the compute dtype (from the float64 features, or by its last
+    # ops), then cast to its input's dtype (fp16/bf16 inputs): u times its size, plus the error
+    # itself, per rounding and token row
+    compute = plan.problem.dtype
+    dtypes = ops.input_dtypes or (compute,) * len(names)
+    u = [UNIT_ROUNDOFF[compute] + UNIT_ROUNDOFF[d] * (1.0 + UNIT_ROUNDOFF[compute])
+         if SIGNIFICAND_BITS[d] < SIGNIFICAND_BITS[compute] else UNIT_ROUNDOFF[compute] for d in dtypes]
+    per_l1 = [b + ux * (b + m) for b, m, ux in zip(per_l1, size_l1, u)]
+    per_max = [b + ux * (b + m) for b, m, ux in zip(per_max, size_max, u)]
     # below the normal range those last roundings err by up to half the smallest subnormal per entry
-    # each, whatever the size: a few per entry (the scale-back, RoPE's rotation: two products and a
-    # sum), so sqrt(entries per token) times that per token row
-    tiny = GRADIENT_LAST_ROUNDINGS * SUBNORMAL_ERROR[plan.problem.dtype]
+    # each, whatever the size: a few per entry in the compute dtype (the scale-back, RoPE's rotation:
+    # two products and a sum) and the cast, so sqrt(entries per token) times that per token row
     rows = [ops.q, *ops.keys, *ops.values]
-    floor = tuple(tiny * math.sqrt(math.prod(t.shape[2:])) for t in rows)
+    floor = tuple((GRADIENT_LAST_ROUNDINGS * SUBNORMAL_ERROR[compute]
+                   + (SUBNORMAL_ERROR[d] if SIGNIFICAND_BITS[d] < SIGNIFICAND_BITS[compute] else 0.0))
+                  * math.sqrt(math.prod(t.shape[2:])) for t, d in zip(rows, dtypes))
     return GradientBound(names, tuple(per_l1), tuple(per_max), floor)
