@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..inputs import Operands, expand_operand, term_operands
+from ..inputs import Operands, expand_operand, max_abs, term_operands
 
 # ---- the pairwise form of an attention polynomial ---------------------------------------------
 
@@ -70,7 +70,7 @@ def _scaled_pair(xa: torch.Tensor, xb: torch.Tensor, c: float) -> tuple[torch.Te
     if abs(c) <= 1.0 or xa.numel() == 0:
         return c * xa, xb
     room = torch.finfo(xa.dtype).max * 2.0 ** -32
-    top = float(torch.linalg.vector_norm(xa.detach(), ord=math.inf))
+    top = max_abs([xa])[0]
     if abs(c) * top <= room:
         return c * xa, xb
     p = 2.0 ** math.ceil(math.log2(abs(c) * top / room))
