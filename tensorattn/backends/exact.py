@@ -59,6 +59,13 @@ class TileEngine:
             se = spec.score_einsum
             self.score_expr = ",".join("..." + op for op in se.operands) + "->..." + se.output
         self.value_expr = "..." + tokens + "," + ",".join("..." + op for op in ve.operands) + "->..." + ve.output
+        # q_i . k_j scores and p @ v values (pairwise, rope; relative once W is folded): the backward
+        # of a tile is four matmuls and two in-place passes instead of an autograd graph over it
+        i, j = lay.tokens[:2] if spec.order == 2 else ("", "")
+        self.bilinear = (spec.order == 2 and not self.relative and self.score_expr is not None
+                         and len(se.contracted) == 1 and se.operands == (i + se.contracted[0], j + se.contracted[0])
+                         and se.output == i + j and len(ve.operands) == 1 and len(ve.operands[0]) == 2
+                         and ve.operands[0][0] == j and ve.output == i + ve.operands[0][1])
         self.causal = ops.causal
         self.causal_pairs = spec.structure.causal_pairs
         self.q_pos = ops.q_positions()
@@ -90,7 +97,8 @@ class TileEngine:
 
     def scores(self, q: torch.Tensor, ks: list[torch.Tensor], rel, i0: int, spans, z0: int = 0) -> torch.Tensor:
         """Masked score tile (Z', bq, b_1, ..., b_{k-1}) of batch rows z0.. and queries i0..; masked
-        entries are -inf, a float mask's other values are added."""
+        entries are -inf, a float mask's other values are added. Always a new tensor, which the
+        callers turn into exp(s - max) in place."""
         if self.relative:
             qp = self.q_pos[i0: i0 + q.shape[1]]
             kp = self.k_pos[0][spans[0][0]: spans[0][1]]
@@ -100,6 +108,8 @@ class TileEngine:
                 s = s + alibi_bias(self.slope, qp, kp, s.dtype, self.nearest[i0: i0 + q.shape[1]])
         elif self.score_expr is None:
             s = self._polynomial_scores([q, *ks]) * self.scale
+        elif self.bilinear:
+            s = torch.bmm(q, ks[0].transpose(1, 2)) * self.scale
         else:
             s = contract(self.score_expr, q, *ks) * self.scale
         if self.causal:
@@ -145,7 +155,14 @@ class TileEngine:
         return total.expand(full)
 
     def values(self, p: torch.Tensor, vs: list[torch.Tensor]) -> torch.Tensor:
-        return contract(self.value_expr, p, *vs)
+        return torch.bmm(p, vs[0]) if self.bilinear else contract(self.value_expr, p, *vs)
+
+
+def _exp_shifted(s: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """exp(s - shift) for a fresh score tile: in place (a tile is the largest tensor of a step, and
+    a new one of its size costs more in page faults than the op itself), except inside a graph
+    (double backward), where the reductions of s keep it for their own gradient."""
+    return torch.exp(s - shift) if s.requires_grad else s.sub_(shift).exp_()
 
 
 def _slices(engine: TileEngine, Z: int):
@@ -164,22 +181,27 @@ def stream_forward(engine: TileEngine, q, keys, values, rel) -> tuple[torch.Tens
     nk = engine.order - 1
     for z0, z1, i0, i1 in _slices(engine, Z):
         qc = q[z0:z1, i0:i1]
-        m_run = qc.new_full((z1 - z0, i1 - i0), float("-inf"))
-        l_run = qc.new_zeros((z1 - z0, i1 - i0))
-        acc = qc.new_zeros((z1 - z0, i1 - i0, *ops.out_value_shape))
+        m_run = l_run = acc = None
         extra = (1,) * len(ops.out_value_shape)
         for spans in engine.blocks(i0, i1):
             ks = [keys[s][z0:z1, a:b] for s, (a, b) in enumerate(spans)]
             vs = [values[s][z0:z1, a:b] for s, (a, b) in enumerate(spans)]
             s = engine.scores(qc, ks, rel, i0, spans, z0)
             flat = s.reshape(s.shape[0], s.shape[1], -1)
-            m_new = torch.maximum(m_run, flat.amax(-1))
-            m_safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
-            p = torch.exp(s - m_safe.reshape(*m_safe.shape, *([1] * nk)))
-            alpha = torch.exp(m_run - m_safe)
-            l_run = l_run * alpha + p.reshape(flat.shape).sum(-1)
-            acc = acc * alpha.reshape(*alpha.shape, *extra) + engine.values(p, vs)
+            m_new = flat.amax(-1) if m_run is None else torch.maximum(m_run, flat.amax(-1))
+            m_safe = torch.where(torch.isinf(m_new), 0.0, m_new)
+            p = _exp_shifted(s, m_safe.reshape(*m_safe.shape, *([1] * nk)))
+            if m_run is None:  # the first block: nothing to rescale
+                l_run, acc = p.reshape(flat.shape).sum(-1), engine.values(p, vs)
+            else:
+                alpha = torch.exp(m_run - m_safe)
+                l_run = l_run * alpha + p.reshape(flat.shape).sum(-1)
+                acc = acc * alpha.reshape(*alpha.shape, *extra) + engine.values(p, vs)
             m_run = m_new
+        if m_run is None:  # every key block lies in the future of these queries (causal)
+            m_run = qc.new_full((z1 - z0, i1 - i0), float("-inf"))
+            l_run = qc.new_zeros((z1 - z0, i1 - i0))
+            acc = qc.new_zeros((z1 - z0, i1 - i0, *ops.out_value_shape))
         # a row with no visible key tuple (all masked) has l = 0 and acc = 0: output 0, lse -inf
         l_safe = torch.where(l_run > 0, l_run, torch.ones_like(l_run))
         out[z0:z1, i0:i1] = acc / l_safe.reshape(*l_run.shape, *extra)
@@ -199,6 +221,9 @@ def stream_backward(engine: TileEngine, q, keys, values, rel, d_out, lse, delta,
         L = torch.where(torch.isinf(L), torch.zeros_like(L), L)  # rows that see no key: p = 0
         Dd = delta[z0:z1, i0:i1].reshape(L.shape)
         dO = d_out[z0:z1, i0:i1]
+        if engine.bilinear and rel is None:
+            _bilinear_backward(engine, q, keys[0], values[0], dO, L, Dd, dq, dks[0], dvs[0], z0, z1, i0, i1)
+            continue
         for spans in engine.blocks(i0, i1):
             with torch.enable_grad():
                 qc = q[z0:z1, i0:i1].detach().requires_grad_(True)
@@ -217,6 +242,21 @@ def stream_backward(engine: TileEngine, q, keys, values, rel, d_out, lse, delta,
                 dvs[s_][z0:z1, a:b] += grads[1 + nk + s_]
             if rl is not None and grads[-1] is not None:
                 drel += grads[-1]
+
+
+def _bilinear_backward(engine: TileEngine, q, k, v, dO, L, Dd, dq, dk, dv, z0, z1, i0, i1) -> None:
+    """The tiles of one query chunk for s = scale q k^T, out = p v: with p = exp(s - L) and
+    dS = p (dO v^T - D), dq += scale dS k, dk += scale dS^T q, dv += p^T dO. The same gradient as the
+    autograd graph of the general path, in four matmuls and two in-place passes over the tile."""
+    qc = q[z0:z1, i0:i1]
+    for (a, b), in engine.blocks(i0, i1):
+        kc, vc = k[z0:z1, a:b], v[z0:z1, a:b]
+        p = _exp_shifted(engine.scores(qc, [kc], None, i0, ((a, b),), z0), L)
+        dv[z0:z1, a:b] += p.transpose(1, 2) @ dO
+        dS = torch.bmm(dO, vc.transpose(1, 2)).sub_(Dd).mul_(p)
+        del p
+        dq[z0:z1, i0:i1] += (dS @ kc).mul_(engine.scale)
+        dk[z0:z1, a:b] += (dS.transpose(1, 2) @ qc).mul_(engine.scale)
 
 
 def backward_buffers(q, keys, values, rel, out, d_out):
@@ -272,7 +312,7 @@ def dense_weights(engine: TileEngine, q, keys, values, rel) -> torch.Tensor:
         L = torch.where(torch.isinf(L), torch.zeros_like(L), L)
         for spans in engine.blocks(i0, i1):
             ks = [keys[s][z0:z1, a:b] for s, (a, b) in enumerate(spans)]
-            tile = torch.exp(engine.scores(q[z0:z1, i0:i1], ks, rel, i0, spans, z0) - L)
+            tile = _exp_shifted(engine.scores(q[z0:z1, i0:i1], ks, rel, i0, spans, z0), L)
             weights[(slice(z0, z1), slice(i0, i1), *(slice(a, b) for a, b in spans))] = tile
     return weights
 
