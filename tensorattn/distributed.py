@@ -45,13 +45,15 @@ from .backends.poly import polynomial_engine
 from .errors import InputError
 from .inputs import Operands, check_finite, prepare
 from .planning import OperandMaxima, certify_gradients, operand_maxima, plan_for
+from .planning.cost import EXACT_STEP_BYTES
 from .request import Request, with_call_signature
 from .spec import Spec, get_spec
 
 #: backends that have a sequence-parallel implementation here
 DISTRIBUTED_BACKENDS = ("auto", "exact", "poly")
-#: a ring piece of the innermost key slot holds at most memory_budget / RING_PIECE_FRACTION bytes of
-#: K/V, so the blocks in flight (about five in the backward) stay within the tile budget
+#: a ring piece of the innermost key slot holds at most min(memory_budget, EXACT_STEP_BYTES) /
+#: RING_PIECE_FRACTION bytes of K/V, so the blocks in flight (about five in the backward) stay within
+#: the tile budget
 RING_PIECE_FRACTION = 8
 #: why spec 'relative' has no poly path across ranks (docs/distributed.md#relative-positions)
 _RELATIVE_POLY = (
@@ -502,8 +504,8 @@ class _ExactRing:
     """Ring attention over the ranks for one call: the forward and the recomputing backward.
 
     Key slot s circulates round the ring (nested rings for order > 2: slot s+1 goes round once per
-    block of slot s). The innermost slot travels in pieces of at most memory_budget /
-    RING_PIECE_FRACTION bytes, so the blocks in flight stay within the tile budget.
+    block of slot s). The innermost slot travels in pieces of at most min(memory_budget,
+    EXACT_STEP_BYTES) / RING_PIECE_FRACTION bytes, so the blocks in flight stay within the tile budget.
     """
 
     comm: _Comm
@@ -522,7 +524,7 @@ class _ExactRing:
             if s == nk - 1:
                 k, v = ops.keys[s], ops.values[s]
                 per_token = (math.prod(k.shape[2:]) + math.prod(v.shape[2:])) * k.shape[0] * k.element_size()
-                tokens = max(1, budget // max(1, RING_PIECE_FRACTION * per_token))
+                tokens = max(1, min(budget, EXACT_STEP_BYTES) // max(1, RING_PIECE_FRACTION * per_token))
             spans.append(_pieces(lengths, tokens))
         return cls(comm, layout, ops, budget, spans)
 

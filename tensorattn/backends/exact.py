@@ -17,7 +17,7 @@ import opt_einsum
 import torch
 
 from ..inputs import Operands, term_operands
-from ..planning.cost import exact_key_blocks
+from ..planning.cost import EXACT_STEP_BYTES, exact_key_blocks
 from ..positional import alibi_bias, nearest_key_distance, relative_offsets
 from ..registry import Backend
 from ..spec import Spec
@@ -76,12 +76,13 @@ class TileEngine:
             # block of a longer sequence) take the nearest key over the whole sequence, 0 .. rel_m - 1
             first, last = (0, self.rel_m - 1) if rel_m is not None else (int(k_pos[0]), int(k_pos[-1]))
             self.nearest = nearest_key_distance(self.q_pos, first, last, self.causal)
-        # tile sizes from the memory budget: a tile holds ~ (4 + d^2 for relative) floats per tuple
+        # tile sizes from the memory budget (at most EXACT_STEP_BYTES, for the cache): a tile holds
+        # ~ (4 + d^2 for relative) floats per tuple
         self.key_block = list(exact_key_blocks(ops.ms))
         tuples = math.prod(self.key_block)
         per_tuple = 4 + (ops.sizes["d"] ** 2 if self.relative else 0)
         elem = ops.q.element_size()
-        budget = max(1, int(budget_bytes) // (elem * per_tuple * tuples))
+        budget = max(1, min(int(budget_bytes), EXACT_STEP_BYTES) // (elem * per_tuple * tuples))
         Z = ops.q.shape[0]
         self.query_chunk = max(1, min(ops.n, budget))
         self.batch_chunk = max(1, min(Z, budget // self.query_chunk))
@@ -109,7 +110,8 @@ class TileEngine:
         elif self.score_expr is None:
             s = self._polynomial_scores([q, *ks]) * self.scale
         elif self.bilinear:
-            s = torch.bmm(q, ks[0].transpose(1, 2)) * self.scale
+            # the scale inside the GEMM: one rounding of scale * (q . k), as the multiply after it
+            s = torch.baddbmm(q.new_empty(1, 1, 1), q, ks[0].transpose(1, 2), beta=0, alpha=self.scale)
         else:
             s = contract(self.score_expr, q, *ks) * self.scale
         if self.causal:
@@ -247,16 +249,17 @@ def stream_backward(engine: TileEngine, q, keys, values, rel, d_out, lse, delta,
 def _bilinear_backward(engine: TileEngine, q, k, v, dO, L, Dd, dq, dk, dv, z0, z1, i0, i1) -> None:
     """The tiles of one query chunk for s = scale q k^T, out = p v: with p = exp(s - L) and
     dS = p (dO v^T - D), dq += scale dS k, dk += scale dS^T q, dv += p^T dO. The same gradient as the
-    autograd graph of the general path, in four matmuls and two in-place passes over the tile."""
-    qc = q[z0:z1, i0:i1]
+    autograd graph of the general path, in four GEMMs (each adding into its gradient) and two
+    in-place passes over the tile."""
+    qc, scale = q[z0:z1, i0:i1], engine.scale
     for (a, b), in engine.blocks(i0, i1):
         kc, vc = k[z0:z1, a:b], v[z0:z1, a:b]
         p = _exp_shifted(engine.scores(qc, [kc], None, i0, ((a, b),), z0), L)
-        dv[z0:z1, a:b] += p.transpose(1, 2) @ dO
-        dS = torch.bmm(dO, vc.transpose(1, 2)).sub_(Dd).mul_(p)
+        dv[z0:z1, a:b].baddbmm_(p.transpose(1, 2), dO)  # each gradient accumulates inside its GEMM
+        dS = torch.baddbmm(Dd, dO, vc.transpose(1, 2), beta=-1).mul_(p)
         del p
-        dq[z0:z1, i0:i1] += (dS @ kc).mul_(engine.scale)
-        dk[z0:z1, a:b] += (dS.transpose(1, 2) @ qc).mul_(engine.scale)
+        dq[z0:z1, i0:i1].baddbmm_(dS, kc, alpha=scale)
+        dk[z0:z1, a:b].baddbmm_(dS.transpose(1, 2), qc, alpha=scale)
 
 
 def backward_buffers(q, keys, values, rel, out, d_out):
