@@ -227,23 +227,27 @@ def stream_backward(engine: TileEngine, q, keys, values, rel, d_out, lse, delta,
             _bilinear_backward(engine, q, keys[0], values[0], dO, L, Dd, dq, dks[0], dvs[0], z0, z1, i0, i1)
             continue
         for spans in engine.blocks(i0, i1):
+            # autograd runs on the two contractions only: the value contraction gives dP and the
+            # value gradients, dS = p (dP - D) is formed in place, and the score graph takes dS
             with torch.enable_grad():
                 qc = q[z0:z1, i0:i1].detach().requires_grad_(True)
                 ks = [keys[s][z0:z1, a:b].detach().requires_grad_(True) for s, (a, b) in enumerate(spans)]
                 vs = [values[s][z0:z1, a:b].detach().requires_grad_(True) for s, (a, b) in enumerate(spans)]
                 rl = rel.detach().requires_grad_(True) if rel is not None else None
                 s = engine.scores(qc, ks, rl, i0, spans, z0)
-                p = torch.exp(s - L)
-                objective = (engine.values(p, vs) * dO).sum() - (p * Dd).sum()
-                inputs = [qc, *ks, *vs] + ([rl] if rl is not None else [])
-                grads = torch.autograd.grad(objective, inputs, allow_unused=True)
-            dq[z0:z1, i0:i1] += grads[0]
+                p = _exp_shifted(s.detach(), L).requires_grad_(True)  # no node of the score graph keeps s
+                dP, *gv = torch.autograd.grad(engine.values(p, vs), [p, *vs], dO)
+                dS = dP.sub_(Dd).mul_(p.detach())
+                del p
+                gs = torch.autograd.grad(s, [qc, *ks] + ([rl] if rl is not None else []), dS, allow_unused=True)
+            if gs[0] is not None:
+                dq[z0:z1, i0:i1] += gs[0]
             for s_, (a, b) in enumerate(spans):
-                if grads[1 + s_] is not None:
-                    dks[s_][z0:z1, a:b] += grads[1 + s_]
-                dvs[s_][z0:z1, a:b] += grads[1 + nk + s_]
-            if rl is not None and grads[-1] is not None:
-                drel += grads[-1]
+                if gs[1 + s_] is not None:
+                    dks[s_][z0:z1, a:b] += gs[1 + s_]
+                dvs[s_][z0:z1, a:b] += gv[s_]
+            if rl is not None and gs[-1] is not None:
+                drel += gs[-1]
 
 
 def _bilinear_backward(engine: TileEngine, q, k, v, dO, L, Dd, dq, dk, dv, z0, z1, i0, i1) -> None:

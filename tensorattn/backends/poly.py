@@ -227,12 +227,13 @@ class FactorizedAttention:
 
     def direct_form(self) -> torch.Tensor:
         """Order 2, non-causal: out = P(S) [v | 1] with P evaluated from the scores by the score
-        kernel, in query chunks of the memory budget (docs/design.md#the-direct-form)."""
+        kernel, in query chunks of the memory budget and the cache (docs/design.md#the-direct-form)."""
         xq, xk = self.xs
         vt = self.values[0].transpose(1, 2)
         weight = self.key_weight(0)
         Z, n = xq.shape[:2]
-        chunk = max(1, min(n, self.budget_elems // (2 * Z * xk.shape[1])))
+        # a chunk's scores within the cache as well as the budget (as the exact backend's tiles)
+        chunk = max(1, min(n, min(self.budget_elems, CACHE_ELEMS) // (2 * Z * xk.shape[1])))
         outs = []
         for i0 in range(0, n, chunk):
             A = self.score_kernel(xq[:, i0: i0 + chunk], [xk])  # (Z, m, c): P(s_ij) at [j, i]
