@@ -184,6 +184,39 @@ def test_exact_gradients_match_naive(spec, n, m, d, causal, budget):
         assert err <= 1e-10 * max(1.0, float(y.grad.abs().max())), err
 
 
+@pytest.mark.parametrize("spec,path", [("pairwise", "_bilinear_backward"), ("triple", "_trilinear_backward")])
+def test_exact_tile_backward_under_key_masks(spec, path, monkeypatch):
+    """The written-out tile backward of q.k (pairwise) and triple scores, with a key padding
+    mask over several tiles: output and gradients equal those of the same call with the masked keys
+    dropped, and the masked keys get zero gradient."""
+    import tensorattn.backends.exact as exact
+
+    calls = []
+    real = getattr(exact, path)
+    monkeypatch.setattr(exact, path, lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    nk = ta.get_spec(spec).order - 1
+    m = 40 if nk == 2 else 1100  # two key blocks per slot (32 for triple, 1024 for pairwise)
+    q, k, v = random_inputs(spec, n=9, m=m, d=4, e=3, batch=(2,), bound=1.5, dtype=np.float64, seed=3)
+    keep = np.ones(m, bool)
+    keep[[1, 4, m - 2]] = False
+    a, b = _leaves(q, k, v), _leaves(q, k, v)
+    mask = torch.from_numpy(np.broadcast_to(~keep, (2, m)).copy())
+    out = _call(spec, a, backend="exact", memory_budget=1 << 15,
+                key_padding_mask=mask if nk == 1 else [mask] * nk)
+    short = [b[0], *[x[:, torch.from_numpy(keep)] for x in b[1:]]]
+    ref = _call(spec, short, backend="exact", memory_budget=1 << 15)
+    dO = torch.randn(out.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    out.backward(dO)
+    ref.backward(dO)
+    assert calls, f"{spec} did not take {path}"
+    assert torch.allclose(out, ref, rtol=1e-12, atol=1e-13)
+    for x, y in zip(a, b):  # the dropped keys' leaves get zero gradient on both sides
+        assert x.grad.shape == y.grad.shape
+        if x is not a[0]:
+            assert float(x.grad[:, ~torch.from_numpy(keep)].abs().max()) == 0.0
+        assert torch.allclose(x.grad, y.grad, rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("causal", [False, True])
 def test_exact_relative_gradients_match_naive(causal):
     q, k, v = random_inputs("pairwise", n=12, m=12, d=3, e=2, batch=(2,), dtype=np.float64, seed=7)

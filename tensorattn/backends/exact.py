@@ -59,13 +59,16 @@ class TileEngine:
             se = spec.score_einsum
             self.score_expr = ",".join("..." + op for op in se.operands) + "->..." + se.output
         self.value_expr = "..." + tokens + "," + ",".join("..." + op for op in ve.operands) + "->..." + ve.output
-        # q_i . k_j scores and p @ v values (pairwise, rope; relative once W is folded): the backward
-        # of a tile is four matmuls and two in-place passes instead of an autograd graph over it
-        i, j = lay.tokens[:2] if spec.order == 2 else ("", "")
-        self.bilinear = (spec.order == 2 and not self.relative and self.score_expr is not None
-                         and len(se.contracted) == 1 and se.operands == (i + se.contracted[0], j + se.contracted[0])
-                         and se.output == i + j and len(ve.operands) == 1 and len(ve.operands[0]) == 2
-                         and ve.operands[0][0] == j and ve.output == i + ve.operands[0][1])
+        # sum_f q_if k_jf (k'_kf) scores and p-weighted products of values v_je (v'_ke): pairwise,
+        # rope, a folded relative (bilinear) and triple (trilinear). Their tiles are GEMMs (plus
+        # entrywise products for triple) and the backward is written out, without autograd
+        multilinear = 0
+        if self.score_expr is not None and not self.relative and len(se.contracted) == 1 and len(ve.out_letters) == 1:
+            f, e = se.contracted[0], ve.out_letters
+            if (se.operands == tuple(t + f for t in lay.tokens) and se.output == tokens
+                    and ve.operands == tuple(t + e for t in lay.tokens[1:]) and ve.output == lay.tokens[0] + e):
+                multilinear = spec.order
+        self.bilinear, self.trilinear = multilinear == 2, multilinear == 3
         self.causal = ops.causal
         self.causal_pairs = spec.structure.causal_pairs
         self.q_pos = ops.q_positions()
@@ -112,6 +115,10 @@ class TileEngine:
         elif self.bilinear:
             # the scale inside the GEMM: one rounding of scale * (q . k), as the multiply after it
             s = torch.baddbmm(q.new_empty(1, 1, 1), q, ks[0].transpose(1, 2), beta=0, alpha=self.scale)
+        elif self.trilinear:  # q against the pair products k_j * k'_k: one GEMM over the feature
+            Z, bq, bj, bk = q.shape[0], q.shape[1], ks[0].shape[1], ks[1].shape[1]
+            s = torch.baddbmm(q.new_empty(1, 1, 1), q, _pair_products(*ks).transpose(1, 2), beta=0,
+                              alpha=self.scale).view(Z, bq, bj, bk)
         else:
             s = contract(self.score_expr, q, *ks) * self.scale
         if self.causal:
@@ -157,7 +164,16 @@ class TileEngine:
         return total.expand(full)
 
     def values(self, p: torch.Tensor, vs: list[torch.Tensor]) -> torch.Tensor:
-        return torch.bmm(p, vs[0]) if self.bilinear else contract(self.value_expr, p, *vs)
+        if self.bilinear:
+            return torch.bmm(p, vs[0])
+        if self.trilinear:  # p against the pair products v_j * v'_k: one GEMM over the key pairs
+            return torch.bmm(p.reshape(p.shape[0], p.shape[1], -1), _pair_products(*vs))
+        return contract(self.value_expr, p, *vs)
+
+
+def _pair_products(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """x_i * y_j entrywise for every pair (i, j) of rows: (Z, a, f), (Z, b, f) -> (Z, a b, f)."""
+    return (x[:, :, None, :] * y[:, None, :, :]).reshape(x.shape[0], x.shape[1] * y.shape[1], x.shape[2])
 
 
 def _exp_shifted(s: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
@@ -226,6 +242,9 @@ def stream_backward(engine: TileEngine, q, keys, values, rel, d_out, lse, delta,
         if engine.bilinear and rel is None:
             _bilinear_backward(engine, q, keys[0], values[0], dO, L, Dd, dq, dks[0], dvs[0], z0, z1, i0, i1)
             continue
+        if engine.trilinear and rel is None:
+            _trilinear_backward(engine, q, keys, values, dO, L, Dd, dq, dks, dvs, z0, z1, i0, i1)
+            continue
         for spans in engine.blocks(i0, i1):
             # autograd runs on the two contractions only: the value contraction gives dP and the
             # value gradients, dS = p (dP - D) is formed in place, and the score graph takes dS
@@ -264,6 +283,31 @@ def _bilinear_backward(engine: TileEngine, q, k, v, dO, L, Dd, dq, dk, dv, z0, z
         del p
         dq[z0:z1, i0:i1].baddbmm_(dS, kc, alpha=scale)
         dk[z0:z1, a:b].baddbmm_(dS.transpose(1, 2), qc, alpha=scale)
+
+
+def _trilinear_backward(engine: TileEngine, q, keys, values, dO, L, Dd, dq, dks, dvs, z0, z1, i0, i1) -> None:
+    """The tiles of one query chunk for s_ijk = scale q_i . (k_j * k'_k), out_i = sum_jk p_ijk
+    (v_j * v'_k). With M and V the pair products of the keys and of the values (one row per key pair
+    (j, k)) and dS = p (dO V^T - D): dq += scale dS M, dM = scale dS^T q, dV = p^T dO, and each
+    slot's gradient is its pair gradient times the other slot, summed over the other slot."""
+    qc, scale = q[z0:z1, i0:i1], engine.scale
+    Z, bq = qc.shape[:2]
+    for (a1, b1), (a2, b2) in engine.blocks(i0, i1):
+        k1, k2 = keys[0][z0:z1, a1:b1], keys[1][z0:z1, a2:b2]
+        v1, v2 = values[0][z0:z1, a1:b1], values[1][z0:z1, a2:b2]
+        bj, bk = k1.shape[1], k2.shape[1]
+        p = _exp_shifted(engine.scores(qc, [k1, k2], None, i0, ((a1, b1), (a2, b2)), z0), L).view(Z, bq, bj * bk)
+        dV = torch.bmm(p.transpose(1, 2), dO).view(Z, bj, bk, -1)
+        dvs[0][z0:z1, a1:b1] += (dV * v2[:, None]).sum(2)
+        dvs[1][z0:z1, a2:b2] += (dV.mul_(v1[:, :, None])).sum(1)
+        del dV
+        dS = torch.baddbmm(Dd.reshape(Z, bq, 1), dO, _pair_products(v1, v2).transpose(1, 2), beta=-1).mul_(p)
+        del p
+        dq[z0:z1, i0:i1].baddbmm_(dS, _pair_products(k1, k2), alpha=scale)
+        dM = torch.bmm(dS.transpose(1, 2), qc).mul_(scale).view(Z, bj, bk, -1)
+        del dS
+        dks[0][z0:z1, a1:b1] += (dM * k2[:, None]).sum(2)
+        dks[1][z0:z1, a2:b2] += (dM.mul_(k1[:, :, None])).sum(1)
 
 
 def backward_buffers(q, keys, values, rel, out, d_out):
