@@ -43,7 +43,8 @@ class Request:
         q_offset: position of the first query (decoding with a KV cache); None means 0.
         max_degree, max_rank: caps on the polynomial the poly backend may use.
         approximant: ``"chebyshev"`` or ``"taylor"``.
-        memory_budget: bytes per working tile.
+        memory_budget: bytes per working tile (an upper bound: exact's tile steps stay within 8 MiB
+            for the cache, ``planning.cost.EXACT_STEP_BYTES``).
         degree: pin the polynomial degree (experiments); the certificate is for that degree.
         feature_dtype: pin the feature dtype (``"float32"`` / ``"float64"``) of poly.
         need_grad: choose the degree for the gradient certificate too; None detects it from the
