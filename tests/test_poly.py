@@ -183,11 +183,11 @@ def test_no_warnings_on_normal_use():
 
 @pytest.mark.parametrize("grad", [False, True])
 def test_chunk_feature_buffers(grad):
-    """The factorized engine writes every chunk's features into one reused buffer per role: the
-    result is bit-identical to fresh features per chunk; with autograd tracking the inputs no buffer
-    is used (the backward may keep the features)."""
+    """The factorized engine writes every chunk's features into one reused buffer per role, kept
+    for the next call on this thread: the result is bit-identical to fresh features per chunk;
+    with autograd tracking the inputs no buffer is used (the backward may keep the features)."""
     from tensorattn.approx.features import feature_map
-    from tensorattn.backends.poly import polynomial_engine
+    from tensorattn.backends.poly import _workspace, polynomial_engine
     from tensorattn.inputs import prepare
     from tensorattn.planning.planner import make_plan, problem_for
     from tensorattn.request import Request
@@ -197,9 +197,15 @@ def test_chunk_feature_buffers(grad):
     req, opts = Request.from_call(spec, backend="poly", scale=0.25, memory_budget=1 << 16)
     ops = prepare(spec, q, k, v, req, opts)
     plan = make_plan(problem_for(ops, req), req)
+    _workspace().clear()
     engine = polynomial_engine(plan, ops, factorized=True)
     assert engine.token_chunk(2) < 700  # several chunks
     fresh = polynomial_engine(plan, ops, factorized=True)
     fresh.query_features = fresh.key_features = lambda x: feature_map(x, plan.degree)
-    assert torch.equal(engine.full(), fresh.full())
-    assert (not engine.buffers) == grad and not fresh.buffers
+    first = engine.full()
+    assert torch.equal(first, fresh.full())
+    assert (not _workspace()) == grad and not engine.large
+    if not grad:  # the next call reuses this call's buffers, and gets the same result
+        kept = {key: buf.data_ptr() for key, buf in _workspace().items()}
+        assert torch.equal(polynomial_engine(plan, ops, factorized=True).full(), first)
+        assert {key: buf.data_ptr() for key, buf in _workspace().items()} == kept

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import string
+import threading
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Callable
@@ -47,6 +48,18 @@ FeatureFn = Callable[[torch.Tensor], torch.Tensor]
 #: in a later interleaved run (n = 16,384-65,536, d = 4-16) 1M elements per chunk was as fast as
 #: 2M or faster (up to 1.2x), with smaller chunks paying for more calls.
 CACHE_ELEMS = 1 << 20
+
+#: per thread, the feature buffers of the last call, by (role, dtype, device): reused by the next
+#: call. A buffer of a few MiB freshly allocated per call costs its page faults on first write
+#: (about as much as the feature map itself at n = 1,024); each holds at most CACHE_ELEMS elements.
+_WORKSPACE = threading.local()
+
+
+def _workspace() -> dict:
+    ws = getattr(_WORKSPACE, "buffers", None)
+    if ws is None:
+        ws = _WORKSPACE.buffers = {}
+    return ws
 
 
 @dataclass
@@ -81,8 +94,10 @@ class FactorizedAttention:
     #: evaluate P from the scores (the plan's direct form) instead of through the features
     direct: bool = False
     weights_fn: Callable[[], torch.Tensor] | None = None
-    #: per role ("keys", "queries"), a flat buffer the chunks' features are written into
-    buffers: dict = field(default_factory=dict)
+    #: per (role, dtype, device), a flat buffer the chunks' features are written into: this
+    #: thread's workspace, shared by the calls that run on it one after another
+    buffers: dict = field(default_factory=_workspace)
+    large: dict = field(default_factory=dict)
 
     @classmethod
     def from_ops(cls, ops: Operands, query_features: FeatureFn, key_features: FeatureFn, rank: int,
@@ -127,9 +142,12 @@ class FactorizedAttention:
             return fn(x)
         Z, c = x.shape[:2]
         need = Z * self.rank * c
-        buf = self.buffers.get(role)
-        if buf is None or buf.numel() < need or buf.dtype != x.dtype or buf.device != x.device:
-            buf = self.buffers[role] = x.new_empty(need)
+        # a chunk larger than the cache (one token's features past CACHE_ELEMS) keeps its buffer to this call
+        buffers = self.buffers if need <= CACHE_ELEMS else self.large
+        key = (role, x.dtype, x.device)
+        buf = buffers.get(key)
+        if buf is None or buf.numel() < need:
+            buf = buffers[key] = x.new_empty(need)
         return fn(x, out=buf[:need].view(Z, self.rank, c))
 
     def masked_features(self, x: torch.Tensor, weight: torch.Tensor | None, j0: int, j1: int) -> torch.Tensor:
@@ -260,7 +278,6 @@ def polynomial_engine(plan, ops: Operands, factorized: bool = False) -> Factoriz
     cert = plan.certificate
     g = cert.degree
     dtype = _DTYPES[cert.feature_dtype]
-    coeffs = get_approximant(plan.approximant).coefficients(float(plan.beta), g)
     divisors = plan.unit_divisors
     scale = ops.scale * math.prod(divisors)  # the operands are divided by the divisors
     direct = plan.poly_form == "direct" and cert.direct_ok and not factorized
@@ -274,12 +291,26 @@ def polynomial_engine(plan, ops: Operands, factorized: bool = False) -> Factoriz
         divisors=divisors,
     )
     # built when the feature path first needs them: the direct form evaluates P from the scores
-    engine.weights_fn = lambda: torch.as_tensor(query_weights(coeffs, scale, ops.D, g), dtype=dtype,
-                                                device=ops.q.device)
+    engine.weights_fn = lambda: _query_weight_tensor(plan.approximant, float(plan.beta), g, scale, ops.D, dtype,
+                                                     ops.q.device)
     if cert.direct_ok:  # P from the scores stays within the certified roundoff
-        engine.score_kernel = polynomial_score_kernel(coeffs, scale)
+        engine.score_kernel = _score_kernel(plan.approximant, float(plan.beta), g, scale)
         engine.direct = direct
     return engine
+
+
+# The same plan (a model's layers, a training loop's steps) reuses its polynomial's query weights
+# and score kernel: both are functions of the arguments alone, built once.
+@lru_cache(maxsize=64)
+def _query_weight_tensor(approximant: str, beta: float, g: int, scale: float, D: int, dtype: torch.dtype,
+                         device: torch.device) -> torch.Tensor:
+    coeffs = get_approximant(approximant).coefficients(beta, g)
+    return torch.as_tensor(query_weights(coeffs, scale, D, g), dtype=dtype, device=device)
+
+
+@lru_cache(maxsize=64)
+def _score_kernel(approximant: str, beta: float, g: int, scale: float):
+    return polynomial_score_kernel(get_approximant(approximant).coefficients(beta, g), scale)
 
 
 def term_features(plan, ops: Operands, dtype: torch.dtype) -> list[torch.Tensor]:
