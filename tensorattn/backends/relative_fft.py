@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
+import scipy.fft
 import torch
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
@@ -98,6 +99,16 @@ def degree_tiles(d: int, pairs: tuple[tuple[int, int], ...], g: int, t: int, max
     return tuple(groups)
 
 
+def _rfft(x: torch.Tensor, n: int, dim: int) -> torch.Tensor:
+    """``torch.fft.rfft(x, n=n, dim=dim)``. On the CPU, where autograd does not track ``x``, scipy's
+    pocketfft computes it, with torch's thread count: 2.2-2.4x faster than torch's CPU FFT for the
+    float64 transforms of this path (32,768 tokens, 65,536-point transforms of 175-259 columns).
+    Both are FFTs with the normwise error the certificate assumes (``fft_roundoff``)."""
+    if x.device.type != "cpu" or (x.requires_grad and torch.is_grad_enabled()):
+        return torch.fft.rfft(x, n=n, dim=dim)
+    return torch.from_numpy(scipy.fft.rfft(x.detach().numpy(), n=n, axis=dim, workers=torch.get_num_threads()))
+
+
 def toeplitz_factor(ops: Operands, length: int, slope: float, dtype: torch.dtype) -> torch.Tensor | None:
     """Causal mask and ALiBi as one Toeplitz factor over kk = i - j + m - 1, i.e. offset
     delta = q_offset + kk - (m - 1): [delta >= 0] exp(-slope |delta|)."""
@@ -147,11 +158,14 @@ class KernelSpectra:
         offsets = np.cumsum(lengths) - lengths
         mu = np.repeat(self.ptr[kernels] - offsets, lengths) + np.arange(int(lengths.sum()))
         T = self.products(mu) * self.weights[torch.as_tensor(mu, device=self.Wp.device), None]  # terms x offsets
-        owner = torch.as_tensor(np.repeat(np.arange(kernels.size), lengths), device=T.device)
-        H = T.new_zeros(kernels.size, T.shape[1]).index_add_(0, owner, T)
+        if (lengths == 1).all():  # one term per kernel: the terms are the kernels
+            H = T
+        else:
+            owner = torch.as_tensor(np.repeat(np.arange(kernels.size), lengths), device=T.device)
+            H = T.new_zeros(kernels.size, T.shape[1]).index_add_(0, owner, T)
         if self.factor is not None:
             H = H * self.factor
-        return torch.fft.rfft(H, n=self.N, dim=-1).T
+        return _rfft(H, self.N, -1).T
 
 
 def relative_attention(plan, ops: Operands) -> torch.Tensor:
@@ -200,8 +214,10 @@ def relative_attention(plan, ops: Operands) -> torch.Tensor:
         for z0 in range(0, Z, z_chunk):
             z1 = min(Z, z0 + z_chunk)
             u = yk[z0:z1, :, block, None] * v1[z0:z1, :, None, :]  # (z, m, n_beta, c)
-            u_hat = torch.fft.rfft(u, n=N, dim=1).contiguous()  # frequency-major (z, F, n_beta, c)
-            acc = u_hat.new_zeros(z1 - z0, F, dt.n_alpha, c)
+            u_hat = _rfft(u, N, 1).contiguous()  # frequency-major (z, F, n_beta, c)
+            # every row a tile writes (the tiles' rows are disjoint); zeros only if some have no kernel
+            covered = sum(grp.rows.size for grp in groups) == dt.n_alpha
+            acc = (u_hat.new_empty if covered else u_hat.new_zeros)(z1 - z0, F, dt.n_alpha, c)
             for grp in groups:
                 P, ra, rb = grp.kernel_map.shape
                 # kernel spectra of `step` tiles at a time: (F, step ra rb) plus their terms over L
@@ -223,7 +239,7 @@ def relative_attention(plan, ops: Operands) -> torch.Tensor:
                         Ut = u_hat[:, f0:f1, cols]  # (z, f, p, rb, c)
                         acc[:, f0:f1, rows] = (Ht[f0:f1] @ Ut).reshape(z1 - z0, f1 - f0, -1, c)
             conv = torch.fft.irfft(acc, n=N, dim=1)[:, m - 1: m - 1 + n]  # (z, n, n_alpha, c)
-            out[z0:z1] = out[z0:z1] + (xq[z0:z1, :, block, None] * conv).sum(2)
+            out[z0:z1] = out[z0:z1] + torch.einsum("zna,znac->znc", xq[z0:z1, :, block], conv)
     visible = ops.visible_rows()
     if visible is None:
         res = out[..., :-1] / out[..., -1:]
