@@ -483,3 +483,43 @@ def test_gradient_bound_counts_only_unmasked_keys(causal):
     got, want = ta.grad_bound_for(masked, d_out, by_input=True), ta.grad_bound_for(dropped, d_out, by_input=True)
     for name in ("k", "v"):
         assert got[name] >= want[name] * (1 - 1e-12), (name, got[name], want[name])
+
+
+@pytest.mark.parametrize("spec, backend, n, causal", [
+    ("pairwise", "poly", 64, False),  # direct form: cached score kernel and scalars
+    ("pairwise", "poly", 1024, False),  # factorized: kept feature buffers and query weights
+    ("pairwise", "poly", 256, True),  # causal blocks
+    ("triple", "poly", 64, False),
+    ("rope", "poly", 64, False),
+    ("relative", "poly", 64, False),
+    ("pairwise", "exact", 64, True),
+    ("pairwise", "favor", 64, False),  # cached random features
+    ("pairwise", "taylor2", 64, False),
+])
+def test_calls_in_inference_mode_then_training(spec, backend, n, causal):
+    """What one call keeps for the next (buffers, coefficient tensors, random features) is made
+    outside inference mode: a call under torch.inference_mode() followed by a call that takes
+    gradients, or by one under no_grad, with the same plan, runs and gives the same output."""
+    q, k, v = random_inputs(spec, n=n, d=4, seed=3)
+    q, k, v = (torch.from_numpy(x) if isinstance(x, np.ndarray) else tuple(map(torch.from_numpy, x)) for x in (q, k, v))
+    kw = dict(spec=spec, backend=backend, causal=causal, scale=0.25)
+    if spec == "relative":
+        kw["rel"] = torch.from_numpy(random_rel(n, n, 4))
+    with torch.inference_mode():
+        first = ta.attention(q, k, v, **kw)
+    with torch.no_grad():
+        assert torch.equal(ta.attention(q, k, v, **kw), first)
+    qg = q.clone().requires_grad_(True)
+    ta.attention(qg, k, v, **kw).sum().backward()
+    assert qg.grad is not None and bool(torch.isfinite(qg.grad).all())
+    with torch.inference_mode():
+        assert torch.equal(ta.attention(q, k, v, **kw), first)
+
+
+def test_module_in_inference_mode_then_training():
+    mha = ta.nn.MultiheadTensorAttention(16, 2, backend="poly")
+    x = torch.rand(2, 300, 16) - 0.5
+    with torch.inference_mode():
+        mha(x, x, x)
+    mha(x, x, x)[0].sum().backward()
+    assert all(p.grad is not None and bool(torch.isfinite(p.grad).all()) for p in mha.parameters())

@@ -95,7 +95,8 @@ def factor_table(D: int, g: int, device: torch.device) -> torch.Tensor:
     for t, c in enumerate(coords):
         idx[row: row + c.shape[0], :t] = c
         row += c.shape[0]
-    return torch.as_tensor(idx.T.copy(), device=device)
+    with torch.inference_mode(False):  # cached: a normal tensor serves calls in any mode
+        return torch.as_tensor(idx.T.copy(), device=device)
 
 
 def _gathered(xt: torch.Tensor, g: int) -> torch.Tensor:

@@ -110,14 +110,16 @@ class SDPABackend(Backend):
 def orthogonal_gaussian(rows: int, D: int, seed: int) -> torch.Tensor:
     """(rows, D) random matrix whose D-row blocks are orthogonal and whose rows have the norms of
     Gaussian vectors (Performer's "regular" orthogonal random features), float64, seeded. Cached:
-    like a Performer layer, the features are drawn once per (rows, D, seed)."""
-    gen = torch.Generator().manual_seed(int(seed))
-    g = torch.randn(math.ceil(rows / D), D, D, generator=gen, dtype=torch.float64)
-    qmat, r = torch.linalg.qr(g)
-    qmat = qmat * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1))[:, None, :]  # Haar-distributed factor
-    w = qmat.transpose(1, 2).reshape(-1, D)[:rows]
-    norms = torch.randn(rows, D, generator=gen, dtype=torch.float64).norm(dim=1)
-    return w * norms[:, None]
+    like a Performer layer, the features are drawn once per (rows, D, seed); outside inference mode,
+    so that a later call that takes gradients can use them."""
+    with torch.inference_mode(False), torch.no_grad():
+        gen = torch.Generator().manual_seed(int(seed))
+        g = torch.randn(math.ceil(rows / D), D, D, generator=gen, dtype=torch.float64)
+        qmat, r = torch.linalg.qr(g)
+        qmat = qmat * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1))[:, None, :]  # Haar-distributed factor
+        w = qmat.transpose(1, 2).reshape(-1, D)[:rows]
+        norms = torch.randn(rows, D, generator=gen, dtype=torch.float64).norm(dim=1)
+        return w * norms[:, None]
 
 
 class FavorBackend(Backend):

@@ -147,7 +147,8 @@ class FactorizedAttention:
         key = (role, x.dtype, x.device)
         buf = buffers.get(key)
         if buf is None or buf.numel() < need:
-            buf = buffers[key] = x.new_empty(need)
+            with torch.inference_mode(False):  # kept across calls: a normal tensor serves any later mode
+                buf = buffers[key] = x.new_empty(need)
         return fn(x, out=buf[:need].view(Z, self.rank, c))
 
     def masked_features(self, x: torch.Tensor, weight: torch.Tensor | None, j0: int, j1: int) -> torch.Tensor:
@@ -300,12 +301,14 @@ def polynomial_engine(plan, ops: Operands, factorized: bool = False) -> Factoriz
 
 
 # The same plan (a model's layers, a training loop's steps) reuses its polynomial's query weights
-# and score kernel: both are functions of the arguments alone, built once.
+# and score kernel: both are functions of the arguments alone, built once. Tensors kept across
+# calls are made outside inference mode: one made in it could not be saved for a later backward.
 @lru_cache(maxsize=64)
 def _query_weight_tensor(approximant: str, beta: float, g: int, scale: float, D: int, dtype: torch.dtype,
                          device: torch.device) -> torch.Tensor:
     coeffs = get_approximant(approximant).coefficients(beta, g)
-    return torch.as_tensor(query_weights(coeffs, scale, D, g), dtype=dtype, device=device)
+    with torch.inference_mode(False):
+        return torch.as_tensor(query_weights(coeffs, scale, D, g), dtype=dtype, device=device)
 
 
 @lru_cache(maxsize=64)

@@ -139,7 +139,8 @@ def scalar(x: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     if t is None:
         if len(_SCALARS) >= 256:
             _SCALARS.clear()
-        t = _SCALARS[key] = torch.tensor(x, dtype=dtype, device=device)
+        with torch.inference_mode(False):  # kept across calls: usable by a later call that takes gradients
+            t = _SCALARS[key] = torch.tensor(x, dtype=dtype, device=device)
     return t
 
 
@@ -164,7 +165,8 @@ def polynomial_score_kernel(coeffs, scale: float):
             return torch.full_like(s, cs[0])
         ct = tensors.get((s.dtype, s.device))
         if ct is None:
-            ct = tensors[s.dtype, s.device] = torch.tensor(cs, dtype=s.dtype, device=s.device).unbind()
+            with torch.inference_mode(False):  # kept by the kernel: usable by a later call that takes gradients
+                ct = tensors[s.dtype, s.device] = torch.tensor(cs, dtype=s.dtype, device=s.device).unbind()
         # Horner, one op per degree: p <- c_t + p * s (in place unless autograd needs the steps)
         p = torch.addcmul(ct[-2], s, ct[-1])
         inplace = not (torch.is_grad_enabled() and s.requires_grad)
