@@ -13,7 +13,16 @@ import torch
 
 from .checks import check_bool
 from .errors import InputError
-from .inputs import Operands, all_finite, as_list, check_finite, prepare, to_tensor
+from .inputs import (
+    Operands,
+    all_finite,
+    as_list,
+    autocast_on,
+    check_finite,
+    full_precision,
+    prepare,
+    to_tensor,
+)
 from .planning import GradientBound, Plan, certify_gradients, operand_maxima, plan_for
 from .registry import registered
 from .request import Request, with_call_signature
@@ -108,7 +117,41 @@ def run_plan(plan: Plan, ops: Operands) -> torch.Tensor:
         return out
     backend = registered()[plan.backend]
     _guard_gradients(ops, plan.backend)
-    return on_unit_values(plan, ops, lambda unit: backend.run(plan, unit))
+    out = on_unit_values(plan, ops, lambda unit: backend.run(plan, unit))
+    return out if backend.precise_backward else planned_backward(out, ops)
+
+
+def planned_backward(out: torch.Tensor, ops: Operands) -> torch.Tensor:
+    """``out``, whose backward runs in the planned dtypes also inside a ``torch.autocast`` region
+    (``_PlannedBackward``); ``out`` itself when autograd does not record the call."""
+    if not ops.tracks_grad:
+        return out
+    return _PlannedBackward.apply(out, *[t for t in ops.tensors if t.requires_grad])
+
+
+class _PlannedBackward(torch.autograd.Function):
+    """The identity on a backend's output. Autograd runs a graph's backward with the autocast
+    state of the thread that calls ``backward()``: inside a ``torch.autocast`` region it would run
+    poly's recorded matrix products in float16/bfloat16, past the gradient certificate. Outside
+    autocast this node passes the gradient on (no cost); inside, it differentiates the backend's
+    graph itself under ``full_precision`` (a nested ``torch.autograd.grad``, which keeps double
+    backward) and hands the engine no gradient for that graph."""
+
+    @staticmethod
+    def forward(ctx, out: torch.Tensor, *operands: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(out, *operands)
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, d_out: torch.Tensor):
+        out, *operands = ctx.saved_tensors
+        if not any(autocast_on(t) for t in dict.fromkeys(("cpu", d_out.device.type))):
+            return (d_out, *[None] * len(operands))
+        with full_precision(d_out.device):
+            # retained: the engine may be asked to run this graph again (retain_graph=True)
+            grads = torch.autograd.grad(out, operands, d_out, retain_graph=True,
+                                        create_graph=torch.is_grad_enabled(), allow_unused=True)
+        return (None, *grads)
 
 
 def on_unit_values(plan: Plan, ops: Operands, run: Callable[[Operands], torch.Tensor]) -> torch.Tensor:
@@ -189,14 +232,20 @@ def attend(spec: Spec, q: Any, k: Any, v: Any, request: Request, spec_options: M
         raise InputError(f"attend needs a ta.Spec and a ta.Request, got {type(spec).__name__} and "
                          f"{type(request).__name__}; ta.attention takes names and keywords")
     return_info = check_bool("return_info", return_info)
-    ops = prepare(spec, q, k, v, request, dict(spec_options or {}), key_padding_mask=key_padding_mask,
-                  attn_mask=attn_mask)
-    maxima = operand_maxima(ops)  # the bounds and the gradient certificate share one pass over the inputs
-    plan = plan_for(ops, request, maxima=maxima)
-    result = ops.restore(check_fits(run_plan(plan, ops), plan, ops))
+    with full_precision(_device(q)):  # the dtypes the plan certifies, under torch.autocast too
+        ops = prepare(spec, q, k, v, request, dict(spec_options or {}), key_padding_mask=key_padding_mask,
+                      attn_mask=attn_mask)
+        maxima = operand_maxima(ops)  # the bounds and the gradient certificate share one pass over the inputs
+        plan = plan_for(ops, request, maxima=maxima)
+        result = ops.restore(check_fits(run_plan(plan, ops), plan, ops))
     if return_info:
         return result, AttentionInfo.from_plan(plan, certify_gradients(plan, ops, maxima))
     return result
+
+
+def _device(q: Any) -> torch.device | str:
+    """Where a call computes: q's device (numpy and lists: the CPU)."""
+    return q.device if isinstance(q, torch.Tensor) else "cpu"
 
 
 @with_call_signature()
@@ -263,13 +312,14 @@ def weights_for(spec: Spec, q: Any, k: Any, request: Request, spec_options: Mapp
         )
     request = dataclasses.replace(request, backend="exact")
     spec_obj, k, v = _unit_values(spec, k)
-    ops = prepare(spec_obj, q, k, v, request, dict(spec_options or {}), key_padding_mask=key_padding_mask,
-                  attn_mask=attn_mask)
-    plan = plan_for(ops, request)
-    if ops.n == 0 or ops.q.shape[0] == 0:
-        w = ops.q.new_zeros(ops.q.shape[0], ops.n, *ops.ms)
-    else:
-        w = registered()["exact"].weights(plan, ops)
+    with full_precision(_device(q)):
+        ops = prepare(spec_obj, q, k, v, request, dict(spec_options or {}), key_padding_mask=key_padding_mask,
+                      attn_mask=attn_mask)
+        plan = plan_for(ops, request)
+        if ops.n == 0 or ops.q.shape[0] == 0:
+            w = ops.q.new_zeros(ops.q.shape[0], ops.n, *ops.ms)
+        else:
+            w = registered()["exact"].weights(plan, ops)
     w = w.reshape(*ops.lead, ops.n, *ops.ms)
     if ops.kind == "numpy":
         return w.cpu().numpy().astype(ops.out_dtype, copy=False)

@@ -39,11 +39,18 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .api import AttentionInfo, check_fits, gradient_overflow_error, gradient_overflows, on_unit_values
+from .api import (
+    AttentionInfo,
+    check_fits,
+    gradient_overflow_error,
+    gradient_overflows,
+    on_unit_values,
+    planned_backward,
+)
 from .backends.exact import TileEngine, backward_buffers, stream_backward, stream_forward
 from .backends.poly import polynomial_engine
 from .errors import InputError
-from .inputs import Operands, check_finite, prepare
+from .inputs import Operands, check_finite, full_precision, full_precision_backward, prepare
 from .planning import OperandMaxima, certify_gradients, operand_maxima, plan_for
 from .planning.cost import EXACT_STEP_BYTES
 from .request import Request, with_call_signature
@@ -675,6 +682,7 @@ class _RingAttention(torch.autograd.Function):
         return out
 
     @staticmethod
+    @full_precision_backward
     def backward(ctx, d_out):
         ring = ctx.ring
         *tensors, out, lse = ctx.saved_tensors
@@ -765,9 +773,9 @@ def attention(q: Any, k: Any, v: Any, *, spec: str | Spec = "pairwise", group=No
     # with grad: autograd records the local engines and the cross-rank autograd.Functions. Values
     # far from 1 run as values near 1 and are scaled back, as on one process; the divisors come
     # from the global maxima, so every rank divides by the same powers of two
-    with contextlib.nullcontext() if ops.tracks_grad else torch.no_grad():
+    with contextlib.nullcontext() if ops.tracks_grad else torch.no_grad(), full_precision(ops.device):
         if plan.backend == "poly":
-            out = on_unit_values(plan, ops, lambda unit: _poly(plan, unit, comm, layout))
+            out = planned_backward(on_unit_values(plan, ops, lambda unit: _poly(plan, unit, comm, layout)), ops)
         else:  # in float64 where float32 could overflow, as the exact backend does
             wide = ops.to(torch.float64 if plan.exact_dtype == "float64" else ops.dtype)
             out = on_unit_values(plan, wide, lambda unit: _exact(unit, comm, layout, request.memory_budget))

@@ -6,7 +6,9 @@ the product of the leading (batch, head) dims.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
@@ -180,6 +182,43 @@ def to_tensor(x: Any, name: str) -> tuple[torch.Tensor, str]:
     if any(stride < 0 for stride in arr.strides):  # numpy calls a reversed length-1 axis contiguous
         arr = arr.copy()
     return torch.from_numpy(arr), "numpy"
+
+
+def autocast_on(device_type: str) -> bool:
+    """Whether ``torch.autocast`` is on for this device type ("cpu", "cuda" ...)."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except (TypeError, RuntimeError):  # a torch without the device_type argument
+        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
+
+
+def full_precision(device: torch.device | str) -> contextlib.AbstractContextManager:
+    """Autocast off, on ``device``'s type and the CPU, while the library computes.
+
+    Every result is computed in the dtypes its plan chose and certified (docs/design.md#numerics).
+    Under ``torch.autocast`` (mixed-precision training) torch would run the library's matrix
+    products in float16 or bfloat16 instead, and a certificate would then bound an error it never
+    saw. The inputs keep their dtypes: half-precision inputs get the half-precision certificates.
+    Costs two checks when autocast is off."""
+    kinds = [t for t in dict.fromkeys(("cpu", torch.device(device).type)) if autocast_on(t)]
+    if not kinds:
+        return contextlib.nullcontext()
+    stack = contextlib.ExitStack()
+    for t in kinds:
+        stack.enter_context(torch.autocast(device_type=t, enabled=False))
+    return stack
+
+
+def full_precision_backward(backward):
+    """``full_precision`` for the ``backward`` of an autograd.Function, on the device of its first
+    incoming gradient: a backward that runs inside an autocast region computes as planned too."""
+    @functools.wraps(backward)
+    def wrapped(ctx, *grads):
+        device = next((g.device for g in grads if isinstance(g, torch.Tensor)), "cpu")
+        with full_precision(device):
+            return backward(ctx, *grads)
+
+    return wrapped
 
 
 def _check_float(t: torch.Tensor, name: str) -> None:

@@ -50,6 +50,11 @@ class Backend:
     #: True when ``run`` applies ``ops.key_bias`` / ``ops.attn_mask``; a backend that leaves it
     #: False is never given a masked problem (``serving``), so it cannot ignore a mask silently
     applies_masks = False
+    #: True when every matrix product of the backward runs in the dtypes the plan chose whatever the
+    #: autocast state (the backward is the backend's own autograd.Functions, each under
+    #: ``inputs.full_precision_backward``); otherwise the frontend reroutes the backward of the
+    #: recorded graph through ``api.planned_backward``, which turns autocast off for it
+    precise_backward = False
 
     def serves(self, spec: "Spec", problem: "Problem | None") -> "bool | Refusal":
         return True

@@ -523,3 +523,69 @@ def test_module_in_inference_mode_then_training():
         mha(x, x, x)
     mha(x, x, x)[0].sum().backward()
     assert all(p.grad is not None and bool(torch.isfinite(p.grad).all()) for p in mha.parameters())
+
+
+@pytest.mark.parametrize("spec, backend, n, causal", [
+    ("pairwise", "poly", 64, False),
+    ("pairwise", "poly", 1024, False),
+    ("pairwise", "poly", 256, True),
+    ("triple", "poly", 48, False),
+    ("pairwise", "exact", 64, True),
+    ("triple", "exact", 24, False),
+    ("strassen", "exact", 24, False),
+    ("pairwise", "favor", 64, False),
+])
+def test_autocast_changes_nothing(spec, backend, n, causal):
+    """Under torch.autocast (mixed precision) the library still computes in the dtypes its plan
+    certifies: the output equals the call without autocast (within its error bound of the float64
+    result), and the gradients are the same whether backward() runs inside the autocast region or
+    after it. Without this, autocast ran the matrix products in bfloat16: exact's error was 1e-3
+    against a bound of 1e-5."""
+    q, k, v = random_inputs(spec, n=n, d=8, seed=5)
+    q, k, v = (torch.from_numpy(x) if isinstance(x, np.ndarray) else tuple(map(torch.from_numpy, x)) for x in (q, k, v))
+    kw = dict(spec=spec, backend=backend, causal=causal, scale=0.125)
+    nk = len(k) if isinstance(k, tuple) else 1
+    flat = [q, k, v] if nk == 1 else [q, *k, *v]
+
+    def split(xs):
+        return (xs[0], xs[1], xs[2]) if nk == 1 else (xs[0], xs[1: 1 + nk], xs[1 + nk:])
+
+    reference = ta.attention(*split([x.double() for x in flat]), **{**kw, "backend": "exact"})
+    outs, grads = [], []
+    for autocast, inside in ((False, False), (True, False), (True, True)):
+        leaves = [x.clone().requires_grad_(True) for x in flat]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out, info = ta.attention(*split(leaves), return_info=True, **kw)
+            if inside:
+                out.backward(torch.ones_like(out))
+        if not inside:
+            out.backward(torch.ones_like(out))
+        assert out.dtype == torch.float32
+        if info.error_bound is not None:
+            assert float((out.detach().double() - reference).abs().max()) <= info.error_bound
+        outs.append(out.detach())
+        grads.append([x.grad for x in leaves])
+    assert all(torch.equal(o, outs[0]) for o in outs)
+    assert all(torch.equal(a, b) for g in grads[1:] for a, b in zip(g, grads[0]))
+
+
+def test_planned_backward_keeps_double_backward():
+    """The rerouted backward of poly differentiates again (a gradient penalty), and its first
+    gradients equal plain autograd's on the same graph."""
+    q, k, v = (torch.rand(1, 40, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    out = ta.attention(q, k, v, backend="poly", scale=0.5)
+    (gq,) = torch.autograd.grad(out.sum(), q, create_graph=True)
+    (gq.square().sum()).backward()
+    assert q.grad is not None and bool(torch.isfinite(q.grad).all()) and float(q.grad.abs().max()) > 0
+
+
+def test_planned_backward_retains_its_graph_under_autocast():
+    """backward(retain_graph=True) twice inside an autocast region: the second pass finds the graph
+    and accumulates the same gradient again."""
+    q, k, v = (torch.rand(1, 40, 4, requires_grad=True) for _ in range(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = ta.attention(q, k, v, backend="poly", scale=0.5)
+        out.sum().backward(retain_graph=True)
+        once = q.grad.clone()
+        out.sum().backward()
+    assert torch.allclose(q.grad, 2 * once, rtol=1e-6, atol=0)

@@ -16,7 +16,7 @@ from functools import lru_cache
 import opt_einsum
 import torch
 
-from ..inputs import Operands, term_operands
+from ..inputs import Operands, full_precision_backward, term_operands
 from ..planning.cost import EXACT_STEP_BYTES, exact_key_blocks
 from ..positional import alibi_bias, nearest_key_distance, relative_offsets
 from ..registry import Backend
@@ -333,6 +333,7 @@ class ExactAttentionFunction(torch.autograd.Function):
         return out
 
     @staticmethod
+    @full_precision_backward
     def backward(ctx, d_out):
         engine, nk = ctx.engine, ctx.nk
         saved = ctx.saved_tensors
@@ -377,6 +378,9 @@ class ExactBackend(Backend):
     name = "exact"
     certified = True
     applies_masks = True
+    # the tile backward (ExactAttentionFunction) and the tree and triangle messages are
+    # autograd.Functions under full_precision_backward; around them only entrywise ops
+    precise_backward = True
 
     def weights(self, plan, ops: Operands) -> torch.Tensor:
         """The dense attention weights (Z, n, m_1, ..., m_{k-1}), without gradient."""

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..inputs import Operands, expand_operand, max_abs, term_operands
+from ..inputs import Operands, expand_operand, full_precision_backward, max_abs, term_operands
 
 # ---- the pairwise form of an attention polynomial ---------------------------------------------
 
@@ -223,6 +223,7 @@ class _BiasedAttention(torch.autograd.Function):
         return out, lse
 
     @staticmethod
+    @full_precision_backward
     def backward(ctx, d_out, d_lse):
         xq, xk, vk, bias, out, lse = ctx.saved_tensors
         scale, causal, off, bq, bk = ctx.cfg
@@ -725,6 +726,7 @@ class _Triangle(torch.autograd.Function):
         return out, lse
 
     @staticmethod
+    @full_precision_backward
     def backward(ctx, d_out, d_lse):
         qa, qc, k1a, k1b, k2b, k2c, v1, v2, out, lse, alpha, gamma, beta, den, tier = ctx.saved_tensors
         cfg = ctx.cfg
