@@ -17,9 +17,9 @@ from .inputs import (
     Operands,
     all_finite,
     as_list,
-    autocast_on,
     check_finite,
     full_precision,
+    precision_reduced,
     prepare,
     to_tensor,
 )
@@ -131,11 +131,13 @@ def planned_backward(out: torch.Tensor, ops: Operands) -> torch.Tensor:
 
 class _PlannedBackward(torch.autograd.Function):
     """The identity on a backend's output. Autograd runs a graph's backward with the autocast
-    state of the thread that calls ``backward()``: inside a ``torch.autocast`` region it would run
-    poly's recorded matrix products in float16/bfloat16, past the gradient certificate. Outside
-    autocast this node passes the gradient on (no cost); inside, it differentiates the backend's
-    graph itself under ``full_precision`` (a nested ``torch.autograd.grad``, which keeps double
-    backward) and hands the engine no gradient for that graph."""
+    state of the thread that calls ``backward()`` and the float32 matmul precision of the moment:
+    inside a ``torch.autocast`` region it would run poly's recorded matrix products in
+    float16/bfloat16 (under a reduced matmul precision, in TF32), past the gradient certificate.
+    Where neither applies this node passes the gradient on (no cost); where one does, it
+    differentiates the backend's graph itself under ``full_precision`` (a nested
+    ``torch.autograd.grad``, which keeps double backward) and hands the engine no gradient for
+    that graph."""
 
     @staticmethod
     def forward(ctx, out: torch.Tensor, *operands: torch.Tensor) -> torch.Tensor:
@@ -145,7 +147,7 @@ class _PlannedBackward(torch.autograd.Function):
     @staticmethod
     def backward(ctx, d_out: torch.Tensor):
         out, *operands = ctx.saved_tensors
-        if not any(autocast_on(t) for t in dict.fromkeys(("cpu", d_out.device.type))):
+        if not precision_reduced(d_out.device):
             return (d_out, *[None] * len(operands))
         with full_precision(d_out.device):
             # retained: the engine may be asked to run this graph again (retain_graph=True)

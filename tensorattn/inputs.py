@@ -192,21 +192,49 @@ def autocast_on(device_type: str) -> bool:
         return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
 
 
+def _autocast_kinds(device: torch.device | str) -> list[str]:
+    return [t for t in dict.fromkeys(("cpu", torch.device(device).type)) if autocast_on(t)]
+
+
+def precision_reduced(device: torch.device | str) -> bool:
+    """Whether torch would now compute matrix products below the dtypes' own precision on
+    ``device`` (autocast, or a float32 matmul precision below "highest"): ``full_precision``
+    is not a no-op."""
+    return torch.get_float32_matmul_precision() != "highest" or bool(_autocast_kinds(device))
+
+
 def full_precision(device: torch.device | str) -> contextlib.AbstractContextManager:
-    """Autocast off, on ``device``'s type and the CPU, while the library computes.
+    """Autocast off (on ``device``'s type and the CPU) and float32 matrix products in full float32
+    while the library computes.
 
     Every result is computed in the dtypes its plan chose and certified (docs/design.md#numerics).
     Under ``torch.autocast`` (mixed-precision training) torch would run the library's matrix
-    products in float16 or bfloat16 instead, and a certificate would then bound an error it never
-    saw. The inputs keep their dtypes: half-precision inputs get the half-precision certificates.
-    Costs two checks when autocast is off."""
-    kinds = [t for t in dict.fromkeys(("cpu", torch.device(device).type)) if autocast_on(t)]
-    if not kinds:
+    products in float16 or bfloat16 instead, and with ``torch.set_float32_matmul_precision("high")``
+    (or ``"medium"``; TF32 on NVIDIA GPUs, bfloat16 passes on some CPUs) its float32 products with
+    about 10 significant bits: a certificate would then bound an error it never saw. The inputs keep
+    their dtypes: half-precision inputs get the half-precision certificates. The matmul precision is
+    process-wide in torch, so it is set for the call and restored after it. Costs three checks when
+    neither is in use."""
+    kinds = _autocast_kinds(device)
+    reduced = torch.get_float32_matmul_precision() != "highest"
+    if not kinds and not reduced:
         return contextlib.nullcontext()
     stack = contextlib.ExitStack()
     for t in kinds:
         stack.enter_context(torch.autocast(device_type=t, enabled=False))
+    if reduced:
+        stack.enter_context(_highest_matmul_precision())
     return stack
+
+
+@contextlib.contextmanager
+def _highest_matmul_precision():
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
 
 
 def full_precision_backward(backward):

@@ -589,3 +589,65 @@ def test_planned_backward_retains_its_graph_under_autocast():
         once = q.grad.clone()
         out.sum().backward()
     assert torch.allclose(q.grad, 2 * once, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("backend", ["exact", "poly"])
+def test_reduced_float32_matmul_precision_is_lifted_for_the_call(backend, monkeypatch):
+    """torch.set_float32_matmul_precision("high") (TF32 on NVIDIA GPUs) would run the certified
+    float32 products with ~10 significant bits: each call computes at "highest", forward and
+    backward, and the setting is restored afterwards."""
+    from tensorattn.registry import registered
+
+    impl = registered()[backend]
+    seen = []
+    run = type(impl).run
+
+    def spy(self, plan, ops):
+        seen.append(torch.get_float32_matmul_precision())
+        return run(self, plan, ops)
+
+    monkeypatch.setattr(type(impl), "run", spy)
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        q = torch.rand(1, 32, 4, requires_grad=True)
+        ta.attention(q, q, q, backend=backend, scale=0.5).sum().backward()
+        assert seen == ["highest"] and torch.get_float32_matmul_precision() == "high"
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
+def test_poly_backward_under_reduced_matmul_precision_is_rerouted(monkeypatch):
+    """With a float32 matmul precision below "highest" at backward() time, poly's recorded graph is
+    differentiated under full_precision, at "highest", and the setting is back afterwards; with
+    "highest" the gradient passes straight through. Both give the same gradient."""
+    import contextlib
+
+    import tensorattn.api as api
+
+    real = api.full_precision
+    inside = []
+
+    @contextlib.contextmanager
+    def spy(device):
+        with real(device):
+            inside.append(torch.get_float32_matmul_precision())
+            yield
+
+    grads = []
+    previous = torch.get_float32_matmul_precision()
+    try:
+        for precision in ("highest", "high"):
+            q = torch.rand(1, 32, 4, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
+            out = ta.attention(q, q, q, backend="poly", scale=0.5)
+            torch.set_float32_matmul_precision(precision)
+            monkeypatch.setattr(api, "full_precision", spy)
+            inside.clear()
+            out.sum().backward()
+            monkeypatch.setattr(api, "full_precision", real)
+            assert inside == ([] if precision == "highest" else ["highest"])
+            assert torch.get_float32_matmul_precision() == precision
+            grads.append(q.grad)
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    assert torch.equal(*grads)
