@@ -142,7 +142,8 @@ class _PlannedBackward(torch.autograd.Function):
     @staticmethod
     def forward(ctx, out: torch.Tensor, *operands: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(out, *operands)
-        return out.view_as(out)
+        # a copy, not a view: the caller may modify the result in place (out += x), as without this node
+        return out.clone()
 
     @staticmethod
     def backward(ctx, d_out: torch.Tensor):

@@ -651,3 +651,15 @@ def test_poly_backward_under_reduced_matmul_precision_is_rerouted(monkeypatch):
     finally:
         torch.set_float32_matmul_precision(previous)
     assert torch.equal(*grads)
+
+
+def test_poly_output_may_be_modified_in_place_in_training():
+    """The result of a call that autograd records is a tensor of its own: adding to it in place
+    (out += x) keeps the gradient right."""
+    q, k, v = (torch.rand(2, 64, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    plain = ta.attention(q, k, v, backend="poly", scale=0.125)
+    (gq,) = torch.autograd.grad(plain.sum(), q)
+    out = ta.attention(q, k, v, backend="poly", scale=0.125)
+    out.add_(1.0)
+    out.sum().backward()
+    assert torch.allclose(q.grad, gq, rtol=1e-12, atol=1e-15)
