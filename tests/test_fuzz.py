@@ -383,23 +383,32 @@ def test_masks(case: Case):
 
 
 @given(case=cases(backends=["exact", "poly", "auto"], dtype_keys=HALF_AND_FLOAT, wild=False,
-                  magnitudes=[0.25, 0.5, 0.8, 1.0, 1.2]))
-def test_certificate_every_dtype(case: Case):
-    """P3 on valid, moderate inputs in every dtype: exact and poly results within info.error_bound."""
+                  magnitudes=[0.25, 0.5, 0.8, 1.0, 1.2]),
+       autocast=st.booleans())
+def test_certificate_every_dtype(case: Case, autocast: bool):
+    """P3 on valid, moderate inputs in every dtype: exact and poly results within info.error_bound,
+    also when the call runs inside a torch.autocast region (mixed-precision training)."""
     count("test_certificate_every_dtype")
-    note(case.describe())
+    note(case.describe() + f" autocast={autocast}")
     case.options["on_unbounded"] = "ignore"
-    check_attention(case)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        check_attention(case)
 
 
 @given(case=cases(specs=["pairwise", "triple", "rope", "relative", "bilinear3", "strassen", "tree"], backends=BACKENDS,
                   dtype_keys=["torch:float32", "torch:float64", "torch:bfloat16"],
                   magnitudes=[0.5, 1.0, 1.0, 1e-3, 8.0, 1e20], wild=False, grad=True),
-       double=st.booleans())
-def test_gradients(case: Case, double: bool):
-    """P1/P2 for backward through every backend, and double backward (create_graph=True)."""
+       double=st.booleans(), autocast=st.booleans())
+def test_gradients(case: Case, double: bool, autocast: bool):
+    """P1/P2 for backward through every backend, and double backward (create_graph=True); with
+    ``autocast`` the call and its backward run inside a torch.autocast region."""
     count("test_gradients")
-    note(case.describe() + f" double={double}")
+    note(case.describe() + f" double={double} autocast={autocast}")
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        _gradients(case, double)
+
+
+def _gradients(case: Case, double: bool) -> None:
     status, res = attention_call(case)
     if status != "ok":
         return
