@@ -196,35 +196,65 @@ def _autocast_kinds(device: torch.device | str) -> list[str]:
     return [t for t in dict.fromkeys(("cpu", torch.device(device).type)) if autocast_on(t)]
 
 
+#: 2^-140, a float32 subnormal (made on first use, outside inference mode)
+_SUBNORMAL: list = []
+
+
+def flushes_subnormals() -> bool:
+    """Whether this thread's CPU flushes subnormal numbers to zero (``torch.set_flush_denormal``):
+    2^-140 + 2^-140 comes out 0 then."""
+    if not _SUBNORMAL:
+        with torch.inference_mode(False):
+            _SUBNORMAL.append(torch.tensor(2.0 ** -140, dtype=torch.float32))
+    t = _SUBNORMAL[0]
+    return float(torch.add(t, t)) == 0.0
+
+
 def precision_reduced(device: torch.device | str) -> bool:
-    """Whether torch would now compute matrix products below the dtypes' own precision on
-    ``device`` (autocast, or a float32 matmul precision below "highest"): ``full_precision``
+    """Whether torch would now compute below the dtypes' own precision on ``device`` (autocast,
+    a float32 matmul precision below "highest", subnormals flushed to zero): ``full_precision``
     is not a no-op."""
-    return torch.get_float32_matmul_precision() != "highest" or bool(_autocast_kinds(device))
+    return (torch.get_float32_matmul_precision() != "highest" or bool(_autocast_kinds(device))
+            or flushes_subnormals())
 
 
 def full_precision(device: torch.device | str) -> contextlib.AbstractContextManager:
-    """Autocast off (on ``device``'s type and the CPU) and float32 matrix products in full float32
-    while the library computes.
+    """Autocast off (on ``device``'s type and the CPU), float32 matrix products in full float32 and
+    subnormal numbers kept while the library computes.
 
     Every result is computed in the dtypes its plan chose and certified (docs/design.md#numerics).
     Under ``torch.autocast`` (mixed-precision training) torch would run the library's matrix
     products in float16 or bfloat16 instead, and with ``torch.set_float32_matmul_precision("high")``
     (or ``"medium"``; TF32 on NVIDIA GPUs, bfloat16 passes on some CPUs) its float32 products with
     about 10 significant bits: a certificate would then bound an error it never saw. The inputs keep
-    their dtypes: half-precision inputs get the half-precision certificates. The matmul precision is
-    process-wide in torch, so it is set for the call and restored after it. Costs three checks when
-    neither is in use."""
+    their dtypes: half-precision inputs get the half-precision certificates. With
+    ``torch.set_flush_denormal(True)`` the CPU would read and write subnormal numbers as 0: the
+    input maxima, and every result below float32's normal range, would be off by more than the
+    certificates allow (1e-40 against bounds of 1e-45), so subnormals are kept for the call. The
+    matmul precision is process-wide and the flush mode per thread in torch; both are set for the
+    call and restored after it. Costs four small checks when none of this is in use."""
     kinds = _autocast_kinds(device)
     reduced = torch.get_float32_matmul_precision() != "highest"
-    if not kinds and not reduced:
+    flush = flushes_subnormals()
+    if not kinds and not reduced and not flush:
         return contextlib.nullcontext()
     stack = contextlib.ExitStack()
     for t in kinds:
         stack.enter_context(torch.autocast(device_type=t, enabled=False))
     if reduced:
         stack.enter_context(_highest_matmul_precision())
+    if flush:
+        stack.enter_context(_gradual_underflow())
     return stack
+
+
+@contextlib.contextmanager
+def _gradual_underflow():
+    torch.set_flush_denormal(False)
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(True)
 
 
 @contextlib.contextmanager

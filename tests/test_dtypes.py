@@ -88,3 +88,27 @@ def test_multihead_in_half_precision(dtype):
     out.float().sum().backward()
     assert x.grad.dtype == dtype and all(p.grad.dtype == dtype for p in mha.parameters())
     assert torch.isfinite(x.grad.float()).all()
+
+
+@pytest.mark.parametrize("backend", ["exact", "poly"])
+@pytest.mark.parametrize("magnitude", [1e-41, 1e-39, 3e-38])
+def test_flush_denormal_keeps_the_certificate(backend, magnitude):
+    """With torch.set_flush_denormal(True) the CPU reads and writes subnormals as 0: the input
+    maxima and the results below float32's normal range were off by 1e-40 against bounds of 1e-45.
+    Each call keeps subnormals while it computes (forward and backward) and restores the mode."""
+    from tensorattn.inputs import flushes_subnormals
+
+    gen = torch.Generator().manual_seed(1)
+    q, k = (torch.rand(1, 64, 8, generator=gen) * 2 - 1 for _ in range(2))
+    v = ((torch.rand(1, 64, 8, generator=gen, dtype=torch.float64) * 2 - 1) * magnitude).float()
+    reference = ta.attention(q.double(), k.double(), v.double(), backend="exact", scale=0.125)
+    plain = ta.attention(q, k, v, backend=backend, scale=0.125)
+    if not torch.set_flush_denormal(True):
+        pytest.skip("this CPU cannot flush subnormals")
+    try:
+        out, info = ta.attention(q, k, v, backend=backend, scale=0.125, return_info=True)
+        assert flushes_subnormals()
+    finally:
+        torch.set_flush_denormal(False)
+    assert torch.equal(out, plain)
+    assert float((out.double() - reference).abs().max()) <= info.error_bound
