@@ -36,7 +36,7 @@ from ..masks import factorized_refusal
 from ..planning.network import poly_methods
 from ..registry import Backend, Refusal
 from .exact import contract
-from .poly_causal import causal_factorized, polynomial_score_kernel
+from .poly_causal import causal_factorized, lasting, polynomial_score_kernel
 from .poly_terms import moments_poly, tree_poly, triangle_poly_causal
 from .relative_fft import relative_attention
 
@@ -147,7 +147,7 @@ class FactorizedAttention:
         key = (role, x.dtype, x.device)
         buf = buffers.get(key)
         if buf is None or buf.numel() < need:
-            with torch.inference_mode(False):  # kept across calls: a normal tensor serves any later mode
+            with lasting():  # kept across calls: a normal tensor serves any later mode
                 buf = buffers[key] = x.new_empty(need)
         return fn(x, out=buf[:need].view(Z, self.rank, c))
 
@@ -307,7 +307,7 @@ def polynomial_engine(plan, ops: Operands, factorized: bool = False) -> Factoriz
 def _query_weight_tensor(approximant: str, beta: float, g: int, scale: float, D: int, dtype: torch.dtype,
                          device: torch.device) -> torch.Tensor:
     coeffs = get_approximant(approximant).coefficients(beta, g)
-    with torch.inference_mode(False):
+    with lasting():
         return torch.as_tensor(query_weights(coeffs, scale, D, g), dtype=dtype, device=device)
 
 

@@ -53,6 +53,7 @@ from __future__ import annotations
 import itertools
 import math
 import string
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -131,6 +132,12 @@ def _schedule(terms: list[_Term], b: int, nk: int, kernel: bool = False) -> _Sch
 _SCALARS: dict = {}
 
 
+def lasting():
+    """The context for making a tensor kept across calls: outside inference mode, so that a later
+    call that takes gradients can use (save) it; nothing to do outside inference mode."""
+    return torch.inference_mode(False) if torch.is_inference_mode_enabled() else nullcontext()
+
+
 def scalar(x: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """``x`` as a 0-d tensor of ``dtype`` (float32 or float64: the value an op would round a Python
     number to), made once per (value, dtype, device)."""
@@ -139,7 +146,7 @@ def scalar(x: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     if t is None:
         if len(_SCALARS) >= 256:
             _SCALARS.clear()
-        with torch.inference_mode(False):  # kept across calls: usable by a later call that takes gradients
+        with lasting():
             t = _SCALARS[key] = torch.tensor(x, dtype=dtype, device=device)
     return t
 
@@ -165,7 +172,7 @@ def polynomial_score_kernel(coeffs, scale: float):
             return torch.full_like(s, cs[0])
         ct = tensors.get((s.dtype, s.device))
         if ct is None:
-            with torch.inference_mode(False):  # kept by the kernel: usable by a later call that takes gradients
+            with lasting():  # kept by the kernel
                 ct = tensors[s.dtype, s.device] = torch.tensor(cs, dtype=s.dtype, device=s.device).unbind()
         # Horner, one op per degree: p <- c_t + p * s (in place unless autograd needs the steps)
         p = torch.addcmul(ct[-2], s, ct[-1])
