@@ -196,7 +196,15 @@ def _autocast_kinds(device: torch.device | str) -> list[str]:
     return [t for t in dict.fromkeys(("cpu", torch.device(device).type)) if autocast_on(t)]
 
 
-#: 2^-140, a float32 subnormal (made on first use, outside inference mode)
+def lasting() -> contextlib.AbstractContextManager:
+    """The context for making a tensor kept across calls (a cache, a reused buffer): outside
+    inference mode, so that a later call that takes gradients can save it; nothing to do outside
+    inference mode. (``approx.features.factor_table``, below this module, leaves inference mode
+    itself.)"""
+    return torch.inference_mode(False) if torch.is_inference_mode_enabled() else contextlib.nullcontext()
+
+
+#: 2^-140, a float32 subnormal (made on first use)
 _SUBNORMAL: list = []
 
 
@@ -204,18 +212,21 @@ def flushes_subnormals() -> bool:
     """Whether this thread's CPU flushes subnormal numbers to zero (``torch.set_flush_denormal``):
     2^-140 + 2^-140 comes out 0 then."""
     if not _SUBNORMAL:
-        with torch.inference_mode(False):
+        with lasting():
             _SUBNORMAL.append(torch.tensor(2.0 ** -140, dtype=torch.float32))
     t = _SUBNORMAL[0]
     return float(torch.add(t, t)) == 0.0
 
 
+def _reductions(device: torch.device | str) -> tuple[list[str], bool, bool]:
+    """What would now compute below the dtypes' own precision on ``device``: the device types with
+    autocast on, a float32 matmul precision below "highest", subnormals flushed to zero."""
+    return _autocast_kinds(device), torch.get_float32_matmul_precision() != "highest", flushes_subnormals()
+
+
 def precision_reduced(device: torch.device | str) -> bool:
-    """Whether torch would now compute below the dtypes' own precision on ``device`` (autocast,
-    a float32 matmul precision below "highest", subnormals flushed to zero): ``full_precision``
-    is not a no-op."""
-    return (torch.get_float32_matmul_precision() != "highest" or bool(_autocast_kinds(device))
-            or flushes_subnormals())
+    """Whether any of ``_reductions`` applies: ``full_precision`` is not a no-op."""
+    return any(_reductions(device))
 
 
 def full_precision(device: torch.device | str) -> contextlib.AbstractContextManager:
@@ -233,9 +244,7 @@ def full_precision(device: torch.device | str) -> contextlib.AbstractContextMana
     certificates allow (1e-40 against bounds of 1e-45), so subnormals are kept for the call. The
     matmul precision is process-wide and the flush mode per thread in torch; both are set for the
     call and restored after it. Costs four small checks when none of this is in use."""
-    kinds = _autocast_kinds(device)
-    reduced = torch.get_float32_matmul_precision() != "highest"
-    flush = flushes_subnormals()
+    kinds, reduced, flush = _reductions(device)
     if not kinds and not reduced and not flush:
         return contextlib.nullcontext()
     stack = contextlib.ExitStack()

@@ -23,7 +23,7 @@ import torch
 
 from ..approx.features import feature_map, query_weights, rank_for
 from ..errors import InputError
-from ..inputs import Operands
+from ..inputs import Operands, lasting
 from ..masks import factorized_refusal
 from ..registry import Backend, Refusal
 from .poly import FactorizedAttention, expand_operand
@@ -112,7 +112,7 @@ def orthogonal_gaussian(rows: int, D: int, seed: int) -> torch.Tensor:
     Gaussian vectors (Performer's "regular" orthogonal random features), float64, seeded. Cached:
     like a Performer layer, the features are drawn once per (rows, D, seed); outside inference mode,
     so that a later call that takes gradients can use them."""
-    with torch.inference_mode(False), torch.no_grad():
+    with lasting(), torch.no_grad():
         gen = torch.Generator().manual_seed(int(seed))
         g = torch.randn(math.ceil(rows / D), D, D, generator=gen, dtype=torch.float64)
         qmat, r = torch.linalg.qr(g)

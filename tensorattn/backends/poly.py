@@ -31,12 +31,12 @@ import torch
 
 from ..approx.features import augment, feature_map, polynomial_features, query_weights
 from ..approx.polynomials import get_approximant
-from ..inputs import Operands, expand_operand, term_operands
+from ..inputs import Operands, expand_operand, lasting, term_operands
 from ..masks import factorized_refusal
 from ..planning.network import poly_methods
 from ..registry import Backend, Refusal
 from .exact import contract
-from .poly_causal import causal_factorized, lasting, polynomial_score_kernel
+from .poly_causal import causal_factorized, polynomial_score_kernel
 from .poly_terms import moments_poly, tree_poly, triangle_poly_causal
 from .relative_fft import relative_attention
 

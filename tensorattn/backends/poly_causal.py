@@ -53,7 +53,6 @@ from __future__ import annotations
 import itertools
 import math
 import string
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -61,6 +60,7 @@ import torch
 import torch.nn.functional as F
 
 from ..approx.features import augment
+from ..inputs import lasting
 from .exact import contract
 
 # --------------------------------------------------------------------------- term structure
@@ -130,12 +130,6 @@ def _schedule(terms: list[_Term], b: int, nk: int, kernel: bool = False) -> _Sch
 #: 0-d tensors of recent scalars by (value, dtype, device): an op with a Python number wraps it in a
 #: new tensor every call, which at small sizes costs as much as the op itself
 _SCALARS: dict = {}
-
-
-def lasting():
-    """The context for making a tensor kept across calls: outside inference mode, so that a later
-    call that takes gradients can use (save) it; nothing to do outside inference mode."""
-    return torch.inference_mode(False) if torch.is_inference_mode_enabled() else nullcontext()
 
 
 def scalar(x: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

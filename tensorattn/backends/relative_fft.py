@@ -211,12 +211,12 @@ def relative_attention(plan, ops: Operands) -> torch.Tensor:
         rb_max = max(1, int(np.bincount(dt.kernel_alpha).max()))
         max_rows = max(1, min(dt.n_alpha, tile_budget // ((2 * F + L) * rb_max)))
         groups = degree_tiles(d, pairs, g, dt.t, max_rows)
+        # every row a tile writes (the tiles' rows are disjoint); zeros only if some have no kernel
+        covered = sum(grp.rows.size for grp in groups) == dt.n_alpha
         for z0 in range(0, Z, z_chunk):
             z1 = min(Z, z0 + z_chunk)
             u = yk[z0:z1, :, block, None] * v1[z0:z1, :, None, :]  # (z, m, n_beta, c)
             u_hat = _rfft(u, N, 1).contiguous()  # frequency-major (z, F, n_beta, c)
-            # every row a tile writes (the tiles' rows are disjoint); zeros only if some have no kernel
-            covered = sum(grp.rows.size for grp in groups) == dt.n_alpha
             acc = (u_hat.new_empty if covered else u_hat.new_zeros)(z1 - z0, F, dt.n_alpha, c)
             for grp in groups:
                 P, ra, rb = grp.kernel_map.shape
