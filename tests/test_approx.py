@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 import tensorattn as ta
 from tensorattn.approx import Chebyshev, Taylor, feature_map, monomial_tables, output_error, query_weights, rank_for
+from tensorattn.approx.features import FeatureProgram
 
 APPROX = [Chebyshev(), Taylor()]
 
@@ -94,6 +95,24 @@ def test_features_reproduce_polynomial_of_score(D, g, seed):
     P3 = sum(c[t] * s3**t for t in range(g + 1))
     U3 = torch.einsum("ir,jr,kr->ijk", feature_map(x, g) * w, feature_map(y, g), feature_map(z, g))
     torch.testing.assert_close(U3, P3, rtol=1e-10, atol=1e-10)
+
+
+@given(st.integers(1, 12), st.integers(0, 5), st.integers(1, 3), st.integers(1, 600),
+       st.sampled_from([torch.float32, torch.float64]), st.integers(0, 2**16))
+def test_feature_program_is_feature_map(D, g, Z, N, dtype, seed):
+    """A FeatureProgram (views and indices made once, block products or row gathers by its cost
+    model) writes into its buffer exactly what feature_map computes, call after call, also when
+    another program has written the shared buffer in between."""
+    gen = torch.Generator().manual_seed(seed)
+    buf = torch.empty(Z * rank_for(D, g) * N, dtype=dtype)
+    out = buf.view(Z, rank_for(D, g), N)
+    program = FeatureProgram(out, D, g)
+    other = FeatureProgram(buf[: Z * rank_for(D, g) * max(1, N // 2)].view(Z, rank_for(D, g), -1), D, g)
+    for _ in range(2):
+        x = (torch.rand(Z, N, D, generator=gen, dtype=torch.float64) * 2 - 1).to(dtype)
+        other(x[:, : max(1, N // 2)])
+        got = program(x)
+        assert got.data_ptr() == buf.data_ptr() and torch.equal(got, feature_map(x, g))
 
 
 def test_plan_report_reads_like_pathinfo():

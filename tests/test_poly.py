@@ -187,7 +187,7 @@ def test_chunk_feature_buffers(grad):
     for the next call on this thread: the result is bit-identical to fresh features per chunk;
     with autograd tracking the inputs no buffer is used (the backward may keep the features)."""
     from tensorattn.approx.features import feature_map
-    from tensorattn.backends.poly import _workspace, polynomial_engine
+    from tensorattn.backends.poly import _programs, _workspace, polynomial_engine
     from tensorattn.inputs import prepare
     from tensorattn.planning.planner import make_plan, problem_for
     from tensorattn.request import Request
@@ -198,6 +198,7 @@ def test_chunk_feature_buffers(grad):
     ops = prepare(spec, q, k, v, req, opts)
     plan = make_plan(problem_for(ops, req), req)
     _workspace().clear()
+    _programs().clear()
     engine = polynomial_engine(plan, ops, factorized=True)
     assert engine.token_chunk(2) < 700  # several chunks
     fresh = polynomial_engine(plan, ops, factorized=True)
@@ -205,7 +206,15 @@ def test_chunk_feature_buffers(grad):
     first = engine.full()
     assert torch.equal(first, fresh.full())
     assert (not _workspace()) == grad and not engine.large
-    if not grad:  # the next call reuses this call's buffers, and gets the same result
+    if not grad:  # the next call reuses this call's buffers and feature programs, and gets the same result
         kept = {key: buf.data_ptr() for key, buf in _workspace().items()}
+        programs = dict(_programs())
+        assert programs and all(buf is _workspace()[key[0]] for key, (buf, _) in programs.items())
         assert torch.equal(polynomial_engine(plan, ops, factorized=True).full(), first)
         assert {key: buf.data_ptr() for key, buf in _workspace().items()} == kept
+        assert all(_programs()[key][1] is prog for key, (_, prog) in programs.items())
+        # a buffer replaced (a larger chunk came) makes its programs anew, for the new buffer
+        for key, buf in list(_workspace().items()):
+            _workspace()[key] = buf.new_empty(0)
+        assert torch.equal(polynomial_engine(plan, ops, factorized=True).full(), first)
+        assert all(buf is _workspace()[key[0]] for key, (buf, _) in _programs().items())

@@ -53,6 +53,9 @@ CACHE_ELEMS = 1 << 20
 #: call. A buffer of a few MiB freshly allocated per call costs its page faults on first write
 #: (about as much as the feature map itself at n = 1,024); each holds at most CACHE_ELEMS elements.
 _WORKSPACE = threading.local()
+#: feature programs (``approx.features.FeatureProgram``) kept with the buffers, one per chunk shape
+#: and feature map; past this many (a workload of many shapes) they are made afresh
+MAX_PROGRAMS = 32
 
 
 def _workspace() -> dict:
@@ -60,6 +63,14 @@ def _workspace() -> dict:
     if ws is None:
         ws = _WORKSPACE.buffers = {}
     return ws
+
+
+def _programs() -> dict:
+    """This thread's feature programs, by (buffer key, feature map, D, Z, chunk): (buffer, program)."""
+    ps = getattr(_WORKSPACE, "programs", None)
+    if ps is None:
+        ps = _WORKSPACE.programs = {}
+    return ps
 
 
 @dataclass
@@ -97,6 +108,7 @@ class FactorizedAttention:
     #: per (role, dtype, device), a flat buffer the chunks' features are written into: this
     #: thread's workspace, shared by the calls that run on it one after another
     buffers: dict = field(default_factory=_workspace)
+    programs: dict = field(default_factory=_programs)
     large: dict = field(default_factory=dict)
 
     @classmethod
@@ -149,7 +161,19 @@ class FactorizedAttention:
         if buf is None or buf.numel() < need:
             with lasting():  # kept across calls: a normal tensor serves any later mode
                 buf = buffers[key] = x.new_empty(need)
-        return fn(x, out=buf[:need].view(Z, self.rank, c))
+        out = buf[:need].view(Z, self.rank, c)
+        make = getattr(fn, "program", None)
+        if make is None or buffers is self.large:
+            return fn(x, out=out)
+        # the map with its views made once, kept with the buffer it writes, per chunk shape
+        pkey = (key, fn.program_key, x.shape[-1], Z, c)
+        kept = self.programs.get(pkey)
+        if kept is None or kept[0] is not buf:  # none yet, or made for a buffer since replaced
+            if len(self.programs) >= MAX_PROGRAMS:  # many shapes: start over
+                self.programs.clear()
+            with lasting():
+                kept = self.programs[pkey] = (buf, make(out, x.shape[-1]))
+        return kept[1](x)
 
     def masked_features(self, x: torch.Tensor, weight: torch.Tensor | None, j0: int, j1: int) -> torch.Tensor:
         """Key features of tokens j0:j1, times their key-mask weight (0 removes a masked key)."""
