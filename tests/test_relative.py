@@ -165,12 +165,22 @@ def test_decoding_equals_slice_of_full_causal(spec, opts, backend):
         assert max_err(dec, full_exact[:, T - n:]) < 1e-12
 
 
-def test_memory_budget_chunking_gives_the_same_result():
-    q, k, v = random_inputs("relative", n=20, m=17, d=2, e=3, batch=(2,), bound=0.6, dtype=np.float64, seed=2)
-    W = random_rel(20, 17, 2, kind="dense", dtype=np.float64, seed=2)
-    big = ta.attention(q, k, v, spec="relative", rel=W, backend="poly", alibi_slope=0.3)
-    small = ta.attention(q, k, v, spec="relative", rel=W, backend="poly", alibi_slope=0.3, memory_budget=32768)
-    assert max_err(small, big) < 1e-12
+@pytest.mark.parametrize("kind", ["dense", "rope", "sparse"])
+def test_memory_budget_chunking_gives_the_same_result(kind):
+    """Chunks of blocks and of block rows (small budgets), several blocks of one shape (rope's 2 x 2
+    rotations) and zero kernels inside a block (a W without its (1, 1) entry) give the result of one
+    pass, which matches exact attention."""
+    d = 4 if kind == "rope" else 2
+    q, k, v = random_inputs("relative", n=20, m=17, d=d, e=3, batch=(3,), bound=0.6, dtype=np.float64, seed=2)
+    W = random_rel(20, 17, d, kind="dense" if kind == "sparse" else kind, dtype=np.float64, seed=2)
+    if kind == "sparse":
+        W[:, 1, 1] = 0.0
+    kw = dict(spec="relative", rel=W, alibi_slope=0.3, scale=0.5)
+    big, info = ta.attention(q, k, v, backend="poly", return_info=True, **kw)
+    assert max_err(big, ta.attention(q, k, v, backend="exact", **kw)) <= info.error_bound
+    for budget in (32768, 4096, 16):
+        small = ta.attention(q, k, v, backend="poly", memory_budget=budget, **kw)
+        assert max_err(small, big) < 1e-12
 
 
 def test_toeplitz_terms_reproduce_the_polynomial():

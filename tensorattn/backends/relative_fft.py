@@ -10,9 +10,11 @@ beta). With x_alpha, y_beta the degree-t monomials of q and k (``feature_map``) 
 Each convolution is a product in frequency space, so per frequency f the inner sum is the small
 matrix product H^(f) u^(f) over beta. The kernels split into dense blocks (connected components of
 the alpha-beta graph: one per degree for a dense W, many small ones for block-diagonal rotations);
-blocks of one shape are batched into one matmul. Kernels are transformed once and shared over the
-batch; the causal mask and ALiBi are exact factors of every kernel. Everything runs in float64
-(the FFT error is normwise; see ``fft_roundoff``). With N >= n + m - 1 the FFT length, the cost is
+blocks of one shape are batched into one matmul, whose columns are the batch times [v | 1]. Each
+group's key columns are transformed apart, in block order, so that matmul reads the transforms in
+place (no gather, no scatter). Kernels are transformed once and shared over the batch; the causal
+mask and ALiBi are exact factors of every kernel. Everything runs in float64 (the FFT error is
+normwise; see ``fft_roundoff``). With N >= n + m - 1 the FFT length, the cost is
 O((kernels + C(d+g, g) e) N log N + kernels e N): near-linear in n.
 """
 
@@ -38,7 +40,8 @@ _F64 = torch.float64
 @dataclass(frozen=True)
 class TileGroup:
     """Dense blocks of one shape: rows (P, ra) alpha indices, cols (P, rb) beta indices and the kernel
-    at every block entry (P, ra, rb), ``kernels`` (the zero kernel) where the block has none."""
+    at every block entry (P, ra, rb), ``kernels`` (the zero kernel) where the block has none. The
+    blocks' rows are disjoint, and so are their columns."""
 
     rows: np.ndarray
     cols: np.ndarray
@@ -56,9 +59,9 @@ def _segments(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 @lru_cache(maxsize=64)
-def degree_tiles(d: int, pairs: tuple[tuple[int, int], ...], g: int, t: int, max_rows: int) -> tuple[TileGroup, ...]:
-    """Dense blocks of the degree-t kernels (components of the alpha-beta graph), rows chunked to
-    at most ``max_rows``, grouped by shape. Index arithmetic only; no loop over kernels."""
+def degree_tiles(d: int, pairs: tuple[tuple[int, int], ...], g: int, t: int) -> tuple[TileGroup, ...]:
+    """Dense blocks of the degree-t kernels (components of the alpha-beta graph), grouped by shape.
+    Index arithmetic only; no loop over kernels."""
     dt = toeplitz_terms(d, pairs, g)[t]
     A, K = dt.n_alpha, dt.kernels
     ka, kb = dt.kernel_alpha, dt.kernel_beta
@@ -68,33 +71,27 @@ def degree_tiles(d: int, pairs: tuple[tuple[int, int], ...], g: int, t: int, max
     comp_a, comp_b = label[alphas], label[A + betas]
     order_a, start_a, pos_a = _segments(comp_a)
     order_b, start_b, pos_b = _segments(comp_b)
-    rows_in = np.bincount(comp_a, minlength=label.max() + 1)
-    cols_in = np.bincount(comp_b, minlength=label.max() + 1)
-    chunk = pos_a // max_rows  # row chunk of each alpha within its component
-    tile_key = comp_a * (A + 1) + chunk
-    tiles, tile_of_alpha = np.unique(tile_key, return_inverse=True)
-    tile_comp, tile_chunk = tiles // (A + 1), tiles % (A + 1)
-    tile_ra = np.minimum(max_rows, rows_in[tile_comp] - tile_chunk * max_rows)
-    tile_rb = cols_in[tile_comp]
+    comps = np.unique(comp_a)  # every component has a kernel, so rows and columns
+    rows_in = np.bincount(comp_a, minlength=label.max() + 1)[comps]
+    cols_in = np.bincount(comp_b, minlength=label.max() + 1)[comps]
     where_alpha = np.full(A, -1)
     where_alpha[alphas] = np.arange(alphas.size)
     where_beta = np.full(dt.n_beta, -1)
     where_beta[betas] = np.arange(betas.size)
-    k_alpha = where_alpha[ka]
-    k_tile, k_row, k_col = tile_of_alpha[k_alpha], pos_a[k_alpha] % max_rows, pos_b[where_beta[kb]]
-    shapes, shape_of_tile = np.unique(np.stack([tile_ra, tile_rb], 1), axis=0, return_inverse=True)
-    shape_of_tile = shape_of_tile.reshape(-1)
+    k_alpha, k_beta = where_alpha[ka], where_beta[kb]
+    k_comp, k_row, k_col = comp_a[k_alpha], pos_a[k_alpha], pos_b[k_beta]
+    shapes, shape_of = np.unique(np.stack([rows_in, cols_in], 1), axis=0, return_inverse=True)
+    shape_of = shape_of.reshape(-1)
     groups = []
     for s, (ra, rb) in enumerate(shapes):  # a handful of block shapes
-        members = np.nonzero(shape_of_tile == s)[0]
-        slot = np.full(tiles.size, -1)
+        members = comps[shape_of == s]
+        slot = np.full(label.max() + 1, -1)
         slot[members] = np.arange(members.size)
-        first_row = start_a[tile_comp[members]] + tile_chunk[members] * max_rows
-        rows = alphas[order_a[first_row[:, None] + np.arange(ra)]]
-        cols = betas[order_b[start_b[tile_comp[members]][:, None] + np.arange(rb)]]
+        rows = alphas[order_a[start_a[members][:, None] + np.arange(ra)]]
+        cols = betas[order_b[start_b[members][:, None] + np.arange(rb)]]
         kmap = np.full((members.size, ra, rb), K, np.int64)
-        mine = slot[k_tile] >= 0
-        kmap[slot[k_tile[mine]], k_row[mine], k_col[mine]] = np.nonzero(mine)[0]
+        mine = slot[k_comp] >= 0
+        kmap[slot[k_comp[mine]], k_row[mine], k_col[mine]] = np.nonzero(mine)[0]
         groups.append(TileGroup(rows, cols, kmap))
     return tuple(groups)
 
@@ -107,6 +104,13 @@ def _rfft(x: torch.Tensor, n: int, dim: int) -> torch.Tensor:
     if x.device.type != "cpu" or (x.requires_grad and torch.is_grad_enabled()):
         return torch.fft.rfft(x, n=n, dim=dim)
     return torch.from_numpy(scipy.fft.rfft(x.detach().numpy(), n=n, axis=dim, workers=torch.get_num_threads()))
+
+
+def _irfft(x: torch.Tensor, n: int, dim: int) -> torch.Tensor:
+    """``torch.fft.irfft(x, n=n, dim=dim)``, by scipy's pocketfft where ``_rfft`` uses it."""
+    if x.device.type != "cpu" or (x.requires_grad and torch.is_grad_enabled()):
+        return torch.fft.irfft(x, n=n, dim=dim)
+    return torch.from_numpy(scipy.fft.irfft(x.detach().numpy(), n=n, axis=dim, workers=torch.get_num_threads()))
 
 
 def toeplitz_factor(ops: Operands, length: int, slope: float, dtype: torch.dtype) -> torch.Tensor | None:
@@ -167,6 +171,18 @@ class KernelSpectra:
             H = H * self.factor
         return _rfft(H, self.N, -1).T
 
+    def tiles(self, kmap: np.ndarray) -> torch.Tensor:
+        """Spectra of the kernels of blocks (p, ra, rb) (``TileGroup.kernel_map``, ``kernels`` for the zero
+        kernel), laid out for the per-frequency products: (N//2 + 1, p, ra, rb), contiguous."""
+        flat = kmap.reshape(-1)
+        real = flat < self.dt.kernels
+        if real.all():  # dense blocks: the kernels in block order, the transposed spectra copied once
+            return self(flat).contiguous().view(-1, *kmap.shape)
+        H = self(flat[real])
+        out = H.new_zeros(H.shape[0], flat.size)
+        out[:, torch.as_tensor(np.nonzero(real)[0], device=H.device)] = H
+        return out.view(-1, *kmap.shape)
+
 
 def relative_attention(plan, ops: Operands) -> torch.Tensor:
     """Certified relative-position attention (spec ``relative``) in O(n log n) per kernel."""
@@ -202,44 +218,43 @@ def relative_attention(plan, ops: Operands) -> torch.Tensor:
         if dt.kernels == 0:
             continue
         spectra = KernelSpectra(dt, Wp, weights, factor, N)
-        # The path holds u_hat and acc, (z, F, n_alpha, c) each, whatever the budget; kernel spectra
-        # of up to that size keep the row chunks of a component wide (>= c rows typically). Narrow
-        # row chunks gather the component's column block once per chunk, and their number grows
-        # with F: the products then cost O(F^2) instead of O(F). The per-frequency products are
-        # chunked over frequencies instead, within the budget.
+        # The path holds a group's u_hat and acc, (F, P rb | P ra, z c), whatever the budget; kernel
+        # spectra of up to that size keep the chunks of a block group wide. The columns of each group
+        # are transformed apart, in block order, so the per-frequency products read u_hat as it is.
         tile_budget = max(budget, F * dt.n_alpha * c * z_chunk)
-        rb_max = max(1, int(np.bincount(dt.kernel_alpha).max()))
-        max_rows = max(1, min(dt.n_alpha, tile_budget // ((2 * F + L) * rb_max)))
-        groups = degree_tiles(d, pairs, g, dt.t, max_rows)
-        # every row a tile writes (the tiles' rows are disjoint); zeros only if some have no kernel
-        covered = sum(grp.rows.size for grp in groups) == dt.n_alpha
-        for z0 in range(0, Z, z_chunk):
-            z1 = min(Z, z0 + z_chunk)
-            u = yk[z0:z1, :, block, None] * v1[z0:z1, :, None, :]  # (z, m, n_beta, c)
-            u_hat = _rfft(u, N, 1).contiguous()  # frequency-major (z, F, n_beta, c)
-            acc = (u_hat.new_empty if covered else u_hat.new_zeros)(z1 - z0, F, dt.n_alpha, c)
-            for grp in groups:
-                P, ra, rb = grp.kernel_map.shape
-                # kernel spectra of `step` tiles at a time: (F, step ra rb) plus their terms over L
-                step = max(1, tile_budget // (F * ra * rb * 2 + L * ra * rb))
-                for p0 in range(0, P, step):
-                    kmap = grp.kernel_map[p0: p0 + step]
-                    used, local = np.unique(kmap, return_inverse=True)
-                    real = used[used < dt.kernels]
-                    H = spectra(real)
-                    H = torch.cat([H, H.new_zeros(F, used.size - real.size)], dim=1)  # the zero kernel, if any
-                    Ht = H[:, torch.as_tensor(local.reshape(kmap.shape), device=H.device)]  # (F, p, ra, rb)
-                    del H
-                    cols = torch.as_tensor(grp.cols[p0: p0 + step], device=Ht.device)
-                    rows = torch.as_tensor(grp.rows[p0: p0 + step].reshape(-1), device=Ht.device)
-                    p = kmap.shape[0]
-                    fstep = max(1, budget // (p * (ra + rb) * c * (z1 - z0) * 2))
-                    for f0 in range(0, F, fstep):  # per frequency: H^(f) u^(f)
-                        f1 = min(F, f0 + fstep)
-                        Ut = u_hat[:, f0:f1, cols]  # (z, f, p, rb, c)
-                        acc[:, f0:f1, rows] = (Ht[f0:f1] @ Ut).reshape(z1 - z0, f1 - f0, -1, c)
-            conv = torch.fft.irfft(acc, n=N, dim=1)[:, m - 1: m - 1 + n]  # (z, n, n_alpha, c)
-            out[z0:z1] = out[z0:z1] + torch.einsum("zna,znac->znc", xq[z0:z1, :, block], conv)
+        xq_t, yk_t = xq[:, :, block], yk[:, :, block]
+        for grp in degree_tiles(d, pairs, g, dt.t):
+            P, ra, rb = grp.kernel_map.shape
+            per_row = (2 * F + L) * rb  # a block row's kernel spectra and their terms over L
+            a_step = max(1, min(ra, tile_budget // per_row))
+            p_step = max(1, tile_budget // (per_row * ra)) if a_step == ra else 1
+            rows = torch.as_tensor(grp.rows.reshape(-1), device=q.device)
+            cols = torch.as_tensor(grp.cols.reshape(-1), device=q.device)
+            for z0 in range(0, Z, z_chunk):
+                z1 = min(Z, z0 + z_chunk)
+                zc = (z1 - z0) * c  # the batch sits with the value columns: every kernel serves all of it
+                yg = yk_t[z0:z1][:, :, cols].permute(1, 2, 0)  # (m, P rb, z)
+                u = (yg[..., None] * v1[z0:z1].transpose(0, 1)[:, None]).reshape(m, P * rb, zc)
+                u_hat = _rfft(u, N, 0).reshape(F, P, rb, zc)  # frequency-major
+                del u
+                acc = None
+                for p0 in range(0, P, p_step):
+                    for a0 in range(0, ra, a_step):  # per frequency: H^(f) u^(f)
+                        H = spectra.tiles(grp.kernel_map[p0: p0 + p_step, a0: a0 + a_step])  # (F, p, a, rb)
+                        part = H @ u_hat[:, p0: p0 + p_step]  # (F, p, a, z c)
+                        del H
+                        if p_step >= P and a_step >= ra:
+                            acc = part
+                        else:
+                            if acc is None:
+                                acc = u_hat.new_empty(F, P, ra, zc)
+                            acc[:, p0: p0 + p_step, a0: a0 + a_step] = part
+                        del part
+                del u_hat
+                conv = _irfft(acc.reshape(F, P * ra, zc), N, 0)[m - 1: m - 1 + n]  # (n, P ra, z c)
+                del acc
+                conv = conv.reshape(n, P * ra, z1 - z0, c).permute(2, 0, 1, 3)  # (z, n, P ra, c)
+                out[z0:z1] += torch.einsum("zna,znac->znc", xq_t[z0:z1][:, :, rows], conv)
     visible = ops.visible_rows()
     if visible is None:
         res = out[..., :-1] / out[..., -1:]
