@@ -110,6 +110,7 @@ class FactorizedAttention:
     buffers: dict = field(default_factory=_workspace)
     programs: dict = field(default_factory=_programs)
     large: dict = field(default_factory=dict)
+    large_programs: dict = field(default_factory=dict)  # the programs of ``large``, also for this call only
 
     @classmethod
     def from_ops(cls, ops: Operands, query_features: FeatureFn, key_features: FeatureFn, rank: int,
@@ -163,16 +164,17 @@ class FactorizedAttention:
                 buf = buffers[key] = x.new_empty(need)
         out = buf[:need].view(Z, self.rank, c)
         make = getattr(fn, "program", None)
-        if make is None or buffers is self.large:
+        if make is None:
             return fn(x, out=out)
         # the map with its views made once, kept with the buffer it writes, per chunk shape
+        programs = self.programs if buffers is self.buffers else self.large_programs
         pkey = (key, fn.program_key, x.shape[-1], Z, c)
-        kept = self.programs.get(pkey)
+        kept = programs.get(pkey)
         if kept is None or kept[0] is not buf:  # none yet, or made for a buffer since replaced
-            if len(self.programs) >= MAX_PROGRAMS:  # many shapes: start over
-                self.programs.clear()
+            if len(programs) >= MAX_PROGRAMS:  # many shapes: start over
+                programs.clear()
             with lasting():
-                kept = self.programs[pkey] = (buf, make(out, x.shape[-1]))
+                kept = programs[pkey] = (buf, make(out, x.shape[-1]))
         return kept[1](x)
 
     def masked_features(self, x: torch.Tensor, weight: torch.Tensor | None, j0: int, j1: int) -> torch.Tensor:
