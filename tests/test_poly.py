@@ -218,3 +218,4 @@ def test_chunk_feature_buffers(grad):
             _workspace()[key] = buf.new_empty(0)
         assert torch.equal(polynomial_engine(plan, ops, factorized=True).full(), first)
         assert all(buf is _workspace()[key[0]] for key, (buf, _) in _programs().items())
+        assert len(_programs()) == len(programs)  # those of the replaced buffers are gone

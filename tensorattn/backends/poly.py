@@ -160,6 +160,9 @@ class FactorizedAttention:
         key = (role, x.dtype, x.device)
         buf = buffers.get(key)
         if buf is None or buf.numel() < need:
+            programs = self.programs if buffers is self.buffers else self.large_programs
+            for k in [k for k, (b, _) in programs.items() if b is buf]:  # they would keep the old one alive
+                del programs[k]
             with lasting():  # kept across calls: a normal tensor serves any later mode
                 buf = buffers[key] = x.new_empty(need)
         out = buf[:need].view(Z, self.rank, c)
