@@ -103,11 +103,19 @@ def _gathered(xt: torch.Tensor, g: int) -> torch.Tensor:
     """feature_map_t for small inputs: rows of [1, x] gathered and multiplied, g factors at a time."""
     idx = factor_table(xt.shape[-2], g, xt.device)
     lead, N = xt.shape[:-2], xt.shape[-1]
-    xa = torch.cat([xt.new_ones(*lead, 1, N), xt], dim=-2).reshape(math.prod(lead), xt.shape[-2] + 1, N)
-    out = xa.index_select(1, idx[0])
-    for j in range(1, g):
-        out.mul_(xa.index_select(1, idx[j]))
-    return out.reshape(*lead, idx.shape[1], N)
+    xa = torch.cat([xt.new_ones(*lead, 1, N), xt], dim=-2)
+    return _gather_products(xa, idx, xt.new_empty(*lead, idx.shape[1], N))
+
+
+def _gather_products(xa: torch.Tensor, idx: torch.Tensor, out: torch.Tensor,
+                     tmp: torch.Tensor | None = None) -> torch.Tensor:
+    """out = prod_j xa[..., idx[j], :] (rows of [1; x] along dim -2), the factors multiplied in
+    order; ``tmp`` (out's shape) takes each gathered factor when given."""
+    dim = xa.dim() - 2
+    torch.index_select(xa, dim, idx[0], out=out)
+    for row in idx[1:]:
+        out.mul_(torch.index_select(xa, dim, row, out=tmp) if tmp is not None else xa.index_select(dim, row))
+    return out
 
 
 def feature_map_t(xt: torch.Tensor, g: int, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -191,10 +199,7 @@ class FeatureProgram:
         """phi(x) for x of shape (..., N, D), as a (..., N, C(D+g, g)) view of the buffer."""
         self.xt.copy_(x.transpose(-1, -2))
         if self.gathered:
-            dim = self.xa.dim() - 2
-            torch.index_select(self.xa, dim, self.idx[0], out=self.out)
-            for row in self.idx[1:]:
-                self.out.mul_(torch.index_select(self.xa, dim, row, out=self.tmp))
+            _gather_products(self.xa, self.idx, self.out, self.tmp)
         else:
             self.ones.fill_(1)  # the buffer is shared: another program may have written this row
             mul = torch.mul

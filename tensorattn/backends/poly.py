@@ -156,11 +156,10 @@ class FactorizedAttention:
         Z, c = x.shape[:2]
         need = Z * self.rank * c
         # a chunk larger than the cache (one token's features past CACHE_ELEMS) keeps its buffer to this call
-        buffers = self.buffers if need <= CACHE_ELEMS else self.large
+        buffers, programs = (self.buffers, self.programs) if need <= CACHE_ELEMS else (self.large, self.large_programs)
         key = (role, x.dtype, x.device)
         buf = buffers.get(key)
         if buf is None or buf.numel() < need:
-            programs = self.programs if buffers is self.buffers else self.large_programs
             for k in [k for k, (b, _) in programs.items() if b is buf]:  # they would keep the old one alive
                 del programs[k]
             with lasting():  # kept across calls: a normal tensor serves any later mode
@@ -170,7 +169,6 @@ class FactorizedAttention:
         if make is None:
             return fn(x, out=out)
         # the map with its views made once, kept with the buffer it writes, per chunk shape
-        programs = self.programs if buffers is self.buffers else self.large_programs
         pkey = (key, fn.program_key, x.shape[-1], Z, c)
         kept = programs.get(pkey)
         if kept is None or kept[0] is not buf:  # none yet, or made for a buffer since replaced

@@ -228,6 +228,7 @@ def relative_attention(plan, ops: Operands) -> torch.Tensor:
             per_row = (2 * F + L) * rb  # a block row's kernel spectra and their terms over L
             a_step = max(1, min(ra, tile_budget // per_row))
             p_step = max(1, tile_budget // (per_row * ra)) if a_step == ra else 1
+            whole = p_step >= P and a_step >= ra  # one chunk: its product is the accumulator
             rows = torch.as_tensor(grp.rows.reshape(-1), device=q.device)
             cols = torch.as_tensor(grp.cols.reshape(-1), device=q.device)
             for z0 in range(0, Z, z_chunk):
@@ -243,7 +244,7 @@ def relative_attention(plan, ops: Operands) -> torch.Tensor:
                         H = spectra.tiles(grp.kernel_map[p0: p0 + p_step, a0: a0 + a_step])  # (F, p, a, rb)
                         part = H @ u_hat[:, p0: p0 + p_step]  # (F, p, a, z c)
                         del H
-                        if p_step >= P and a_step >= ra:
+                        if whole:
                             acc = part
                         else:
                             if acc is None:
